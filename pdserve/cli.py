@@ -1,0 +1,186 @@
+"""The ``pdserve`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pdserve.config import ClusterConfig, EngineConfig, PoolConfig, Role, RouterConfig, WorkerConfig
+from pdserve.errors import ConfigError
+
+app = typer.Typer(help="pdserve: disaggregated prefill/decode LLM serving on vLLM.", no_args_is_help=True)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _model_name(path: Path, served: str | None) -> str:
+    return served or path.name
+
+
+@app.command()
+def up(
+    model: Annotated[str, typer.Option(help="'default' (SmolLM2-135M-Instruct), 'tiny', or a model folder")] = "default",
+    prefill: Annotated[int, typer.Option(help="prefill workers")] = 1,
+    decode: Annotated[int, typer.Option(help="decode workers")] = 1,
+    both: Annotated[int, typer.Option(help="colocated workers (prefill and decode in one)")] = 0,
+    prefill_tp: int = 1,
+    prefill_pp: int = 1,
+    decode_tp: int = 1,
+    decode_pp: int = 1,
+    kv_transport: Annotated[str, typer.Option(help="nixl")] = "nixl",
+    http_port: int = 8000,
+    grpc_port: int = 50051,
+    worker_base_port: int = 50100,
+    metrics_base_port: int = 9100,
+    kv_base_port: int = 5600,
+    max_model_len: int = 2048,
+    served_model_name: Annotated[str | None, typer.Option(help="model id clients use")] = None,
+    kv_lease_s: float = 30.0,
+    log_dir: Annotated[Path | None, typer.Option(help="worker/router logs (default: a temp folder)")] = None,
+    backend: Annotated[str, typer.Option(help="local")] = "local",
+) -> None:
+    """Start a router and prefill/decode workers on this machine, in the foreground."""
+    from pdserve.config import KvTransport
+    from pdserve.deploy.local.launcher import run_cluster
+
+    if backend != "local":
+        raise typer.BadParameter("only --backend local is available in this version")
+    config = ClusterConfig(
+        model=model,
+        prefill=PoolConfig(prefill, prefill_tp, prefill_pp),
+        decode=PoolConfig(decode, decode_tp, decode_pp),
+        both=PoolConfig(both),
+        http_port=http_port,
+        grpc_port=grpc_port,
+        worker_base_port=worker_base_port,
+        metrics_base_port=metrics_base_port,
+        kv_base_port=kv_base_port,
+        max_model_len=max_model_len,
+        served_model_name=served_model_name,
+        kv_transport=KvTransport(kv_transport),
+        kv_lease_s=kv_lease_s,
+    )
+    try:
+        code = run_cluster(config, log_dir)
+    except ConfigError as e:
+        typer.secho(f"error: {e.message}", fg="red", err=True)
+        raise typer.Exit(2) from e
+    raise typer.Exit(code)
+
+
+@app.command()
+def worker(
+    role: Annotated[Role, typer.Option(help="prefill | decode | both")],
+    model: Annotated[str, typer.Option(help="'default', 'tiny' or a model folder")] = "default",
+    served_model_name: str | None = None,
+    worker_id: Annotated[str | None, typer.Option(help="unique id (default: role-port)")] = None,
+    host: str = "127.0.0.1",
+    port: int = 50100,
+    metrics_port: int = 9100,
+    kv_transport: str = "nixl",
+    kv_port: Annotated[int, typer.Option(help="NIXL side-channel port")] = 5600,
+    kv_lease_s: float = 30.0,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    max_model_len: int = 2048,
+    dtype: str = "float32",
+    enforce_eager: Annotated[bool | None, typer.Option(help="default: eager unless PP > 1")] = None,
+    kv_cache_space_gib: int = 1,
+    cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND value")] = None,
+    log_level: str = "info",
+) -> None:
+    """Run one worker: a vLLM engine behind the internal gRPC Worker API."""
+    from pdserve.config import KvTransport
+    from pdserve.models import resolve_model
+    from pdserve.worker.server import serve
+
+    _setup_logging(log_level)
+    path = resolve_model(model)
+    config = WorkerConfig(
+        role=role,
+        engine=EngineConfig(
+            model_path=str(path),
+            served_model_name=_model_name(path, served_model_name),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            enforce_eager=enforce_eager,
+            kv_cache_space_gib=kv_cache_space_gib,
+        ),
+        worker_id=worker_id or f"{role.value}-{port}",
+        host=host,
+        port=port,
+        metrics_port=metrics_port,
+        kv_transport=KvTransport(kv_transport),
+        kv_port=kv_port,
+        kv_lease_s=kv_lease_s,
+        cpu_bind=cpu_bind,
+    )
+    asyncio.run(serve(config))
+
+
+@app.command()
+def router(
+    model: Annotated[str, typer.Option(help="'default', 'tiny' or a model folder (for the tokenizer)")] = "default",
+    served_model_name: str | None = None,
+    prefill: Annotated[list[str] | None, typer.Option(help="prefill worker host:port (repeat)")] = None,
+    decode: Annotated[list[str] | None, typer.Option(help="decode worker host:port (repeat)")] = None,
+    both: Annotated[list[str] | None, typer.Option(help="colocated worker host:port (repeat)")] = None,
+    http_host: str = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_host: str = "127.0.0.1",
+    grpc_port: int = 50051,
+    log_level: str = "info",
+) -> None:
+    """Run the router: OpenAI-compatible HTTP API and gRPC API in front of the workers."""
+    from pdserve.models import resolve_model
+    from pdserve.router.app import serve
+
+    _setup_logging(log_level)
+    path = resolve_model(model)
+    config = RouterConfig(
+        model_path=str(path),
+        served_model_name=_model_name(path, served_model_name),
+        prefill_workers=tuple(prefill or ()),
+        decode_workers=tuple(decode or ()),
+        both_workers=tuple(both or ()),
+        http_host=http_host,
+        http_port=http_port,
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
+    )
+    if not (config.both_workers or (config.prefill_workers and config.decode_workers)):
+        raise typer.BadParameter("give --both workers, or --prefill and --decode workers")
+    asyncio.run(serve(config))
+
+
+@app.command("prepare-model")
+def prepare_model(
+    model: Annotated[str, typer.Argument(help="'default' or 'tiny'")] = "default",
+) -> None:
+    """Build a built-in model into the cache (done automatically on first use)."""
+    from pdserve.models import resolve_model
+
+    typer.echo(resolve_model(model))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Typed errors, mapped once to HTTP status, gRPC status code and OpenAI error type."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class PdserveError(Exception):
+    """Base of every error pdserve reports to a caller."""
+
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    openai_type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_openai(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.openai_type,
+                "param": self.param,
+                "code": self.http_status,
+            }
+        }
+
+
+class ConfigError(PdserveError):
+    """A configuration or command-line value that cannot work."""
+
+
+class InvalidRequestError(PdserveError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    openai_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus max_tokens does not fit the model's context."""
+
+
+class ModelNotFoundError(PdserveError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    openai_type = "not_found_error"
+
+
+class NoCapacityError(PdserveError):
+    """No healthy worker can take the request right now."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    openai_type = "service_unavailable"
+
+
+class WorkerError(PdserveError):
+    """A worker failed while serving the request."""
+
+    http_status = 502
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    openai_type = "upstream_error"
+
+
+class KvIncompatibleError(PdserveError):
+    """Prefill and decode disagree on the KV layout; moving bytes would yield garbage."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    openai_type = "kv_incompatible"
+
+
+class KvTransferError(PdserveError):
+    """The KV cache could not be moved from the prefill to the decode worker."""
+
+    http_status = 502
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    openai_type = "kv_transfer_error"
+
+
+_BY_GRPC_CODE: dict[grpc.StatusCode, type[PdserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: KvIncompatibleError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacityError,
+}
+
+
+def from_grpc_error(code: grpc.StatusCode, details: str) -> PdserveError:
+    """Rebuild the typed error a worker raised from its gRPC status."""
+    return _BY_GRPC_CODE.get(code, WorkerError)(details or f"worker error: {code.name}")

@@ -1,0 +1,125 @@
+"""Every Prometheus metric pdserve exports: names, help, labels and buckets in one place.
+
+Dashboards, alert rules and tests refer to these names; change them here only.
+Metric objects are created per process on a registry that is passed in (no globals).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets for LLM serving: TTFT spans milliseconds (cache hits) to tens of seconds
+# (long prompts on CPUs); ITL spans a few milliseconds to about a second.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+
+ROUTER_REQUESTS = "pdserve_router_requests_total"
+ROUTER_IN_FLIGHT = "pdserve_router_requests_in_flight"
+ROUTER_TTFT = "pdserve_router_time_to_first_token_seconds"
+ROUTER_ITL = "pdserve_router_inter_token_latency_seconds"
+ROUTER_E2E = "pdserve_router_request_duration_seconds"
+ROUTER_ROUTING = "pdserve_router_routing_decisions_total"
+ROUTER_WORKERS_HEALTHY = "pdserve_router_workers_healthy"
+ROUTER_PROMPT_TOKENS = "pdserve_router_prompt_tokens_total"
+ROUTER_GENERATION_TOKENS = "pdserve_router_generation_tokens_total"
+
+WORKER_REQUESTS = "pdserve_worker_requests_total"
+WORKER_IN_FLIGHT = "pdserve_worker_requests_in_flight"
+WORKER_TTFT = "pdserve_worker_time_to_first_token_seconds"
+WORKER_E2E = "pdserve_worker_request_duration_seconds"
+WORKER_KV_HANDLES = "pdserve_worker_kv_handles_total"
+WORKER_KV_INCOMPATIBLE = "pdserve_worker_kv_incompatible_total"
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            ROUTER_REQUESTS,
+            "Requests finished by the router, by API route and outcome.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            ROUTER_IN_FLIGHT, "Requests the router is serving now.", registry=registry
+        )
+        self.ttft = Histogram(
+            ROUTER_TTFT,
+            "Time from request arrival to the first generated token, seen by the router.",
+            ["mode"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            ROUTER_ITL,
+            "Time between consecutive streamed tokens, seen by the router.",
+            ["mode"],
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            ROUTER_E2E,
+            "Time from request arrival to its last token.",
+            ["mode"],
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.routing = Counter(
+            ROUTER_ROUTING,
+            "Routing decisions: colocated (one worker) or disaggregated (prefill + decode).",
+            ["mode"],
+            registry=registry,
+        )
+        self.workers_healthy = Gauge(
+            ROUTER_WORKERS_HEALTHY,
+            "Workers that answered the last health poll, by role.",
+            ["role"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            ROUTER_PROMPT_TOKENS, "Prompt tokens of finished requests.", registry=registry
+        )
+        self.generation_tokens = Counter(
+            ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests.", registry=registry
+        )
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry, role: str) -> None:
+        self.role = role
+        self.requests = Counter(
+            WORKER_REQUESTS,
+            "Requests finished by this worker, by stage and outcome.",
+            ["role", "stage", "status"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            WORKER_IN_FLIGHT, "Requests running on this worker.", ["role"], registry=registry
+        )
+        self.ttft = Histogram(
+            WORKER_TTFT,
+            "Time from the worker receiving a request to its first output.",
+            ["role", "stage"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            WORKER_E2E,
+            "Time from the worker receiving a request to its last output.",
+            ["role", "stage"],
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.kv_handles = Counter(
+            WORKER_KV_HANDLES,
+            "KV handles produced (prefill) or consumed (decode), by transport.",
+            ["role", "transport", "direction"],
+            registry=registry,
+        )
+        self.kv_incompatible = Counter(
+            WORKER_KV_INCOMPATIBLE,
+            "KV handles refused because the producer's layout does not match this worker.",
+            ["role"],
+            registry=registry,
+        )

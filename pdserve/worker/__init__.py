@@ -1,0 +1,1 @@
+"""Worker code shared by the prefill, decode and colocated roles."""

@@ -1,0 +1,53 @@
+"""Protobuf sampling parameters -> vLLM ``SamplingParams``; vLLM finish reasons -> protobuf."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdserve.v1 import common_pb2 as cpb
+
+_FINISH = {
+    "stop": cpb.FINISH_REASON_STOP,
+    "length": cpb.FINISH_REASON_LENGTH,
+    "abort": cpb.FINISH_REASON_ABORT,
+}
+
+
+def to_vllm(
+    msg: cpb.SamplingParams,
+    *,
+    max_tokens: int | None = None,
+    kv_transfer_params: dict[str, Any] | None = None,
+) -> Any:
+    """Build vLLM sampling parameters that stream deltas (text and token ids)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    kwargs: dict[str, Any] = {
+        "max_tokens": max_tokens if max_tokens is not None else msg.max_tokens,
+        "stop": list(msg.stop) or None,
+        "stop_token_ids": list(msg.stop_token_ids) or None,
+        "ignore_eos": msg.ignore_eos,
+        "include_stop_str_in_output": msg.include_stop_str_in_output,
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
+    ):
+        if msg.HasField(name):
+            kwargs[name] = getattr(msg, name)
+    if kv_transfer_params is not None:
+        kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
+    return SamplingParams(**kwargs)
+
+
+def finish_reason_to_proto(reason: str | None) -> int:
+    if reason is None:
+        return int(cpb.FINISH_REASON_UNSPECIFIED)
+    return int(_FINISH.get(reason, cpb.FINISH_REASON_STOP))

@@ -1,0 +1,65 @@
+"""Worker process: a vLLM engine behind the internal gRPC Worker API, plus /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from prometheus_client import REGISTRY, start_http_server
+
+from pdserve.config import WorkerConfig
+from pdserve.grpc_options import SERVER_OPTIONS
+from pdserve.kv_transfer.nixl import transport_for
+from pdserve.metrics import WorkerMetrics
+from pdserve.v1 import worker_pb2_grpc
+from pdserve.worker.engine import Engine
+from pdserve.worker.servicer import WorkerServicer
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: WorkerConfig) -> None:
+    transport = transport_for(config.kv_transport.value, config.kv_lease_s)
+    engine = Engine(config, transport)
+    log.info("worker %s (%s): starting the vLLM engine", config.worker_id, config.role.value)
+    engine.start()
+    # vLLM registers its engine metrics on prometheus_client's process registry; ours
+    # join them there so one /metrics endpoint shows both.
+    metrics = WorkerMetrics(REGISTRY, config.role.value)
+    start_http_server(config.metrics_port, addr=config.host, registry=REGISTRY)
+
+    servicer = WorkerServicer(config, engine, metrics)
+    health = HealthServicer()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "worker %s ready: grpc %s:%d, metrics :%d",
+        config.worker_id,
+        config.host,
+        config.port,
+        config.metrics_port,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    # Drain: refuse new work, let in-flight requests finish within the deadline.
+    servicer.draining = True
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = loop.time() + config.drain_timeout_s
+    while servicer.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    await server.stop(grace=1.0)
+    engine.shutdown()
+    log.info("worker %s stopped", config.worker_id)

@@ -1,0 +1,163 @@
+"""The gRPC ``pdserve.v1.Worker`` service, shared by every role."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from pdserve import __version__
+from pdserve.config import Role, WorkerConfig
+from pdserve.decode_worker.stage import DecodeStage
+from pdserve.errors import InvalidRequestError, KvIncompatibleError, NoCapacityError, PdserveError
+from pdserve.kv_transfer.wire import handle_to_proto, layout_to_proto
+from pdserve.metrics import WorkerMetrics
+from pdserve.prefill_worker.stage import PrefillStage
+from pdserve.v1 import common_pb2 as cpb
+from pdserve.v1 import worker_pb2 as pb
+from pdserve.v1 import worker_pb2_grpc
+from pdserve.worker.engine import Engine
+from pdserve.worker.sampling import finish_reason_to_proto, to_vllm
+
+log = logging.getLogger(__name__)
+
+# Which stages each role's workers accept. A decode worker may also serve a request
+# end to end (the router colocates when disaggregation does not pay).
+_STAGES_BY_ROLE: dict[Role, set[int]] = {
+    Role.PREFILL: {pb.STAGE_PREFILL},
+    Role.DECODE: {pb.STAGE_DECODE, pb.STAGE_FULL},
+    Role.BOTH: {pb.STAGE_PREFILL, pb.STAGE_DECODE, pb.STAGE_FULL},
+}
+_ROLE_TO_PROTO = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE, Role.BOTH: pb.ROLE_BOTH}
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, engine: Engine, metrics: WorkerMetrics) -> None:
+        assert engine.layout is not None and engine.transport is not None, "engine not started"
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.prefill = PrefillStage(engine.transport, engine.layout)
+        self.decode = DecodeStage(engine.transport, engine.layout)
+        self.draining = False
+        self.in_flight = 0
+
+    async def Generate(
+        self, request: pb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WorkerGenerateResponse]:
+        stage = pb.Stage.Name(request.stage).removeprefix("STAGE_").lower()
+        started = time.monotonic()
+        status = "error"
+        self.in_flight += 1
+        self.metrics.in_flight.labels(self.metrics.role).inc()
+        try:
+            params = self._sampling_params(request)
+            first = True
+            async for msg in self._run(request, params):
+                if first:
+                    self.metrics.ttft.labels(self.metrics.role, stage).observe(
+                        time.monotonic() - started
+                    )
+                    first = False
+                yield msg
+            status = "ok"
+        except PdserveError as e:
+            status = type(e).__name__
+            if isinstance(e, KvIncompatibleError):
+                self.metrics.kv_incompatible.labels(self.metrics.role).inc()
+            log.warning("request %s failed: %s", request.request_id, e.message)
+            await context.abort(e.grpc_code, e.message)
+        except asyncio.CancelledError:
+            # The router went away; vLLM's generator aborts the request in the engine
+            # (freeing its KV blocks) when the iteration is cancelled.
+            status = "cancelled"
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.labels(self.metrics.role).dec()
+            self.metrics.requests.labels(self.metrics.role, stage, status).inc()
+            self.metrics.e2e.labels(self.metrics.role, stage).observe(time.monotonic() - started)
+
+    def _sampling_params(self, request: pb.WorkerGenerateRequest) -> Any:
+        if self.draining:
+            raise NoCapacityError(f"worker {self.config.worker_id} is draining")
+        if request.stage not in _STAGES_BY_ROLE[self.config.role]:
+            raise InvalidRequestError(
+                f"a {self.config.role.value} worker does not run stage "
+                f"{pb.Stage.Name(request.stage)}"
+            )
+        if not request.prompt_token_ids:
+            raise InvalidRequestError("prompt_token_ids is empty")
+        if request.stage == pb.STAGE_PREFILL:
+            return self.prefill.sampling_params(request.sampling)
+        if request.stage == pb.STAGE_DECODE:
+            if not request.HasField("kv_handle"):
+                raise InvalidRequestError("STAGE_DECODE needs a kv_handle")
+            return self.decode.sampling_params(
+                request.sampling, request.kv_handle, len(request.prompt_token_ids)
+            )
+        return to_vllm(request.sampling)
+
+    async def _run(
+        self, request: pb.WorkerGenerateRequest, params: Any
+    ) -> AsyncIterator[pb.WorkerGenerateResponse]:
+        prompt = list(request.prompt_token_ids)
+        completion_tokens = 0
+        async for out in self.engine.generate(request.request_id, prompt, params):
+            completion = out.outputs[0]
+            completion_tokens += len(completion.token_ids)
+            msg = pb.WorkerGenerateResponse(
+                text=completion.text, token_ids=list(completion.token_ids)
+            )
+            if out.finished:
+                msg.finish_reason = finish_reason_to_proto(completion.finish_reason)
+                msg.usage.CopyFrom(
+                    cpb.Usage(
+                        prompt_tokens=len(prompt),
+                        completion_tokens=completion_tokens,
+                        cached_prompt_tokens=out.num_cached_tokens or 0,
+                    )
+                )
+                if request.stage == pb.STAGE_PREFILL:
+                    handle = self.prefill.handle(out.kv_transfer_params, len(prompt))
+                    msg.kv_handle.CopyFrom(handle_to_proto(handle))
+                    self.metrics.kv_handles.labels(
+                        self.metrics.role, handle.transport, "produced"
+                    ).inc()
+            elif request.stage == pb.STAGE_PREFILL:
+                continue  # the prefill answers once, with the handle
+            yield msg
+        if request.stage == pb.STAGE_DECODE:
+            self.metrics.kv_handles.labels(
+                self.metrics.role, request.kv_handle.transport, "consumed"
+            ).inc()
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        await self.engine.abort(request.request_id)
+        return pb.AbortResponse(found=True)
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
+        load = self.engine.load
+        return pb.LoadReport(
+            running_requests=load.running,
+            waiting_requests=load.waiting,
+            kv_cache_usage=load.kv_cache_usage,
+            draining=self.draining,
+        )
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+        assert self.engine.layout is not None
+        info = pb.WorkerInfo(
+            worker_id=self.config.worker_id,
+            role=_ROLE_TO_PROTO[self.config.role],
+            model_id=self.config.engine.served_model_name,
+            max_model_len=self.engine.max_model_len,
+            version=__version__,
+            kv_transport=self.config.kv_transport.value,
+        )
+        layout_to_proto(self.engine.layout, info.kv_layout)
+        return info

@@ -1,0 +1,1 @@
+"""Prefill role: compute the prompt's KV and keep it for a remote decode."""

@@ -1,0 +1,68 @@
+"""The router's public gRPC API: ``pdserve.v1.Inference`` (plus health and reflection)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.router.service import GenerateCall, GenerationService
+from pdserve.router.tokenize import PromptTokenizer
+from pdserve.v1 import common_pb2 as cpb
+from pdserve.v1 import inference_pb2 as pb
+from pdserve.v1 import inference_pb2_grpc
+
+_FINISH = {"stop": cpb.FINISH_REASON_STOP, "length": cpb.FINISH_REASON_LENGTH, "abort": cpb.FINISH_REASON_ABORT}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, service: GenerationService, tokenizer: PromptTokenizer) -> None:
+        self.service = service
+        self.tokenizer = tokenizer
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            return self.tokenizer.encode_prompt(request.prompt)
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            add = request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
+            return self.tokenizer.encode_chat(messages, add)
+        if kind == "tokens":
+            return self.tokenizer.check_token_ids(request.tokens.token_ids)
+        raise InvalidRequestError("set one of prompt, chat or tokens")
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        route, status = "grpc/Generate", "OK"
+        try:
+            self.service.check_model(request.model)
+            prompt_ids = self._prompt_ids(request)
+            requested = request.sampling.max_tokens or None
+            sampling = cpb.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            sampling.max_tokens = self.service.resolve_max_tokens(len(prompt_ids), requested)
+            request_id = request.request_id or uuid.uuid4().hex
+            call = GenerateCall(request_id, prompt_ids, sampling, time.monotonic())
+            async for delta in self.service.generate(call):
+                msg = pb.GenerateResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids)
+                if delta.finish_reason is not None:
+                    msg.finish_reason = _FINISH[delta.finish_reason]
+                if delta.usage is not None:
+                    msg.usage.CopyFrom(delta.usage)
+                yield msg
+        except PdserveError as e:
+            status = e.grpc_code.name
+            await context.abort(e.grpc_code, e.message)
+        finally:
+            self.service.metrics.requests.labels(route, status).inc()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        model = pb.Model(id=self.service.model_id, max_model_len=self.service.max_model_len)
+        return pb.ListModelsResponse(models=[model])

@@ -1,0 +1,226 @@
+"""OpenAI-compatible HTTP API of the router (FastAPI): completions, chat, models, health."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.router.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from pdserve.router.service import Delta, GenerateCall, GenerationService
+from pdserve.router.tokenize import PromptTokenizer
+from pdserve.v1 import common_pb2 as cpb
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _error_response(err: PdserveError) -> JSONResponse:
+    return JSONResponse(err.to_openai(), status_code=err.http_status)
+
+
+def _usage_json(usage: cpb.Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+    }
+
+
+class _Shape:
+    """How one endpoint frames its chunks and final body (completion vs chat)."""
+
+    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time())
+
+    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None, stream: bool) -> dict[str, Any]:
+        obj = "chat.completion" if self.chat else "text_completion"
+        if stream and self.chat:
+            obj = "chat.completion.chunk"
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage is not None or not stream:
+            body["usage"] = usage
+        return body
+
+    def chunk_choice(self, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if first:
+                delta["role"] = "assistant"
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def final_choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def build_http_app(
+    service: GenerationService,
+    tokenizer: PromptTokenizer,
+    metrics_registry: Any,
+    ready: Callable[[], bool],
+    max_body_bytes: int,
+) -> FastAPI:
+    app = FastAPI(title="pdserve router", version="0.1.0")
+    requests_total = service.metrics.requests
+
+    @app.exception_handler(PdserveError)
+    async def _pdserve_error(request: Request, exc: PdserveError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", msg)
+            return _error_response(InvalidRequestError(f"the request body is not valid JSON: {detail}"))
+        return _error_response(InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=loc or None))
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            err = InvalidRequestError(f"request body larger than {max_body_bytes} bytes")
+            response: Response = JSONResponse(err.to_openai(), status_code=413)
+        else:
+            response = await call_next(request)
+        route = request.url.path
+        if route.startswith("/v1/"):
+            requests_total.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def readiness() -> Response:
+        if ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": service.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "pdserve",
+                    "max_model_len": service.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        service.check_model(body.model)
+        body.check_supported()
+        if isinstance(body.prompt, str):
+            prompt_ids = tokenizer.encode_prompt(body.prompt)
+        elif body.prompt and all(isinstance(p, int) for p in body.prompt):
+            prompt_ids = tokenizer.check_token_ids([int(p) for p in body.prompt])
+        elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):
+            prompt_ids = tokenizer.encode_prompt(body.prompt[0])
+        else:
+            raise InvalidRequestError("prompt must be one string or one list of token ids", param="prompt")
+        return await _serve(body, prompt_ids, body.max_tokens, chat=False, request=request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        service.check_model(body.model)
+        body.check_supported()
+        prompt_ids = tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
+        return await _serve(body, prompt_ids, body.effective_max_tokens(), chat=True, request=request)
+
+    async def _serve(
+        body: CompletionRequest | ChatCompletionRequest,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        chat: bool,
+        request: Request,
+    ) -> Response:
+        max_tokens = service.resolve_max_tokens(len(prompt_ids), max_tokens)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        call = GenerateCall(request_id, prompt_ids, body.to_sampling(max_tokens), time.monotonic())
+        shape = _Shape(chat, request_id, service.model_id)
+        headers = {REQUEST_ID_HEADER: request_id}
+        deltas = service.generate(call)
+        if body.stream:
+            # Fail before the 200 status line when no worker can take the request.
+            first = await anext(deltas)
+            stream = _sse(shape, first, deltas, body.include_usage_in_stream)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        text: list[str] = []
+        last = Delta("", [])
+        async for delta in deltas:
+            text.append(delta.text)
+            last = delta
+        choice = shape.final_choice("".join(text), last.finish_reason)
+        return JSONResponse(shape.envelope([choice], _usage_json(last.usage), stream=False), headers=headers)
+
+    return app
+
+
+async def _sse(
+    shape: _Shape, first: Delta, rest: AsyncIterator[Delta], include_usage: bool
+) -> AsyncIterator[str]:
+    def event(obj: dict[str, Any]) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def all_deltas() -> AsyncIterator[Delta]:
+        yield first
+        async for d in rest:
+            yield d
+
+    usage = None
+    is_first = True
+    try:
+        async for delta in all_deltas():
+            if delta.text or delta.finish_reason is not None or is_first:
+                choice = shape.chunk_choice(delta.text, delta.finish_reason, is_first)
+                yield event(shape.envelope([choice], None, stream=True))
+                is_first = False
+            usage = delta.usage or usage
+    except PdserveError as e:
+        # Headers are gone; report the failure in-band, as OpenAI-compatible servers do.
+        yield event(e.to_openai())
+    else:
+        if include_usage:
+            yield event(shape.envelope([], _usage_json(usage), stream=True))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,102 @@
+"""Router process: wires the worker pool, planner and service to the HTTP and gRPC APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import Role, RouterConfig
+from pdserve.grpc_options import SERVER_OPTIONS
+from pdserve.metrics import RouterMetrics
+from pdserve.router.api.grpc import InferenceServicer
+from pdserve.router.api.http import build_http_app
+from pdserve.router.planner import Planner
+from pdserve.router.scheduling.policy import make_policy
+from pdserve.router.service import GenerationService
+from pdserve.router.tokenize import PromptTokenizer
+from pdserve.router.workers import WorkerPool
+from pdserve.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+async def _watch_health(
+    pool: WorkerPool, planner: Planner, metrics: RouterMetrics, health: HealthServicer
+) -> None:
+    """Keep gRPC health and the per-role healthy gauge in step with the pool."""
+    serving: bool | None = None
+    while True:
+        for role in Role:
+            metrics.workers_healthy.labels(role.value).set(len(pool.healthy(role)))
+        now = planner.can_serve()
+        if now != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            await health.set("", status)
+            await health.set(INFERENCE_SERVICE, status)
+            serving = now
+        await asyncio.sleep(pool.poll_interval_s)
+
+
+async def serve(config: RouterConfig) -> None:
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    tokenizer = PromptTokenizer(config.model_path)
+    pool = WorkerPool(config.served_model_name, config.worker_rpc_timeout_s, config.poll_interval_s)
+    pool.add(config.prefill_workers, Role.PREFILL)
+    pool.add(config.decode_workers, Role.DECODE)
+    pool.add(config.both_workers, Role.BOTH)
+    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
+    service = GenerationService(config.served_model_name, pool, planner, metrics, DEFAULT_MAX_MODEL_LEN)
+
+    grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service, tokenizer), grpc_server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+
+    app = build_http_app(service, tokenizer, registry, planner.can_serve, config.max_body_bytes)
+    http = uvicorn.Server(
+        uvicorn.Config(app, host=config.http_host, port=config.http_port, log_level="warning", lifespan="off")
+    )
+    # We own signal handling: stop both servers together.
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+    await pool.poll_once()
+    pool.start()
+    await grpc_server.start()
+    watcher = asyncio.create_task(_watch_health(pool, planner, metrics, health))
+    http_task = asyncio.create_task(http.serve())
+    log.info(
+        "router up: http://%s:%d  grpc %s:%d  workers %d",
+        config.http_host, config.http_port, config.grpc_host, config.grpc_port, len(pool.workers),
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    done, _ = await asyncio.wait(
+        [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
+    )
+    if http_task in done and http_task.exception() is not None:
+        raise RuntimeError(f"HTTP server failed: {http_task.exception()}")
+    # In-flight streams finish: uvicorn waits for open responses, gRPC gets a grace period.
+    http.should_exit = True
+    await asyncio.gather(http_task, grpc_server.stop(grace=10.0), return_exceptions=True)
+    watcher.cancel()
+    await pool.close()
+    log.info("router stopped")

@@ -1,0 +1,111 @@
+"""The router's view of its workers: connections, identity, health and load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.config import Role
+from pdserve.grpc_options import CHANNEL_OPTIONS
+from pdserve.v1 import worker_pb2 as pb
+from pdserve.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_ROLE_FROM_PROTO = {pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE, pb.ROLE_BOTH: Role.BOTH}
+
+
+@dataclass
+class WorkerClient:
+    """One worker as the router sees it. ``role`` is what discovery said; the worker's
+    own GetInfo answer must agree before it receives traffic."""
+
+    address: str
+    role: Role
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerStub
+    info: pb.WorkerInfo | None = None
+    healthy: bool = False
+    load: pb.LoadReport = field(default_factory=pb.LoadReport)
+    in_flight: int = 0  # requests this router has on the worker now
+
+    @classmethod
+    def connect(cls, address: str, role: Role) -> WorkerClient:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return cls(address, role, channel, worker_pb2_grpc.WorkerStub(channel))
+
+    @property
+    def name(self) -> str:
+        return self.info.worker_id if self.info else self.address
+
+
+class WorkerPool:
+    """All workers, polled for identity, health and load."""
+
+    def __init__(self, model_id: str, rpc_timeout_s: float, poll_interval_s: float) -> None:
+        self.model_id = model_id
+        self.rpc_timeout_s = rpc_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.workers: list[WorkerClient] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, addresses: Iterable[str], role: Role) -> None:
+        for address in addresses:
+            self.workers.append(WorkerClient.connect(address, role))
+
+    def healthy(self, *roles: Role) -> list[WorkerClient]:
+        return [w for w in self.workers if w.healthy and w.role in roles]
+
+    @property
+    def max_model_len(self) -> int | None:
+        lens = [w.info.max_model_len for w in self.workers if w.info is not None]
+        return min(lens) if lens else None
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(w) for w in self.workers))
+
+    async def _poll(self, worker: WorkerClient) -> None:
+        try:
+            if worker.info is None:
+                info = await worker.stub.GetInfo(pb.GetInfoRequest(), timeout=self.rpc_timeout_s)
+                problem = self._identity_problem(worker, info)
+                if problem:
+                    if worker.healthy or worker.info is None:
+                        log.error("worker %s refused: %s", worker.address, problem)
+                    worker.healthy = False
+                    return
+                worker.info = info
+                log.info("worker %s at %s joined as %s", info.worker_id, worker.address, worker.role)
+            worker.load = await worker.stub.GetLoad(pb.GetLoadRequest(), timeout=self.rpc_timeout_s)
+            worker.healthy = not worker.load.draining
+        except grpc.aio.AioRpcError as e:
+            if worker.healthy:
+                log.warning("worker %s unhealthy: %s", worker.name, e.code().name)
+            worker.healthy = False
+            # Re-read the identity when it comes back: it may be a new process.
+            worker.info = None
+
+    def _identity_problem(self, worker: WorkerClient, info: pb.WorkerInfo) -> str | None:
+        role = _ROLE_FROM_PROTO.get(info.role)
+        if role != worker.role:
+            return f"it reports role {role}, discovery says {worker.role}"
+        if info.model_id != self.model_id:
+            return f"it serves model {info.model_id!r}, the router serves {self.model_id!r}"
+        return None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.gather(*(w.channel.close() for w in self.workers), return_exceptions=True)
