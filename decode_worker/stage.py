@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pdserve.errors import InvalidRequestError, KvIncompatibleError, KvTransferError
 from pdserve.kv_transfer.base import KvTransport
 from pdserve.kv_transfer.metadata import KvLayout
 from pdserve.kv_transfer.wire import handle_from_proto
+
+from pdserve.errors import InvalidRequestError, KvIncompatibleError, KvTransferError
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.worker.sampling import to_vllm
@@ -29,9 +30,7 @@ class DecodeStage:
                 f"KV handle uses transport {handle.transport!r}, "
                 f"this decode worker uses {self.transport.name!r}"
             )
-        self.layout.check_compatible(
-            handle.layout, handle.format_version, transport_reshapes=True
-        )
+        self.layout.check_compatible(handle.layout, handle.format_version, transport_reshapes=True)
         self.transport.check_shapes(handle.layout, self.layout)
         if handle.num_prompt_tokens != num_prompt_tokens:
             raise InvalidRequestError(

@@ -14,7 +14,9 @@ import typer
 from pdserve.config import ClusterConfig, EngineConfig, PoolConfig, Role, RouterConfig, WorkerConfig
 from pdserve.errors import ConfigError
 
-app = typer.Typer(help="pdserve: disaggregated prefill/decode LLM serving on vLLM.", no_args_is_help=True)
+app = typer.Typer(
+    help="pdserve: disaggregated prefill/decode LLM serving on vLLM.", no_args_is_help=True
+)
 
 
 def _setup_logging(level: str) -> None:
@@ -31,7 +33,9 @@ def _model_name(path: Path, served: str | None) -> str:
 
 @app.command()
 def up(
-    model: Annotated[str, typer.Option(help="'default' (SmolLM2-135M-Instruct), 'tiny', or a model folder")] = "default",
+    model: Annotated[
+        str, typer.Option(help="'default' (SmolLM2-135M-Instruct), 'tiny', or a model folder")
+    ] = "default",
     prefill: Annotated[int, typer.Option(help="prefill workers")] = 1,
     decode: Annotated[int, typer.Option(help="decode workers")] = 1,
     both: Annotated[int, typer.Option(help="colocated workers (prefill and decode in one)")] = 0,
@@ -48,7 +52,9 @@ def up(
     max_model_len: int = 2048,
     served_model_name: Annotated[str | None, typer.Option(help="model id clients use")] = None,
     kv_lease_s: float = 30.0,
-    log_dir: Annotated[Path | None, typer.Option(help="worker/router logs (default: a temp folder)")] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="worker/router logs (default: a temp folder)")
+    ] = None,
     backend: Annotated[str, typer.Option(help="local")] = "local",
 ) -> None:
     """Start a router and prefill/decode workers on this machine, in the foreground."""
@@ -134,11 +140,19 @@ def worker(
 
 @app.command()
 def router(
-    model: Annotated[str, typer.Option(help="'default', 'tiny' or a model folder (for the tokenizer)")] = "default",
+    model: Annotated[
+        str, typer.Option(help="'default', 'tiny' or a model folder (for the tokenizer)")
+    ] = "default",
     served_model_name: str | None = None,
-    prefill: Annotated[list[str] | None, typer.Option(help="prefill worker host:port (repeat)")] = None,
-    decode: Annotated[list[str] | None, typer.Option(help="decode worker host:port (repeat)")] = None,
-    both: Annotated[list[str] | None, typer.Option(help="colocated worker host:port (repeat)")] = None,
+    prefill: Annotated[
+        list[str] | None, typer.Option(help="prefill worker host:port (repeat)")
+    ] = None,
+    decode: Annotated[
+        list[str] | None, typer.Option(help="decode worker host:port (repeat)")
+    ] = None,
+    both: Annotated[
+        list[str] | None, typer.Option(help="colocated worker host:port (repeat)")
+    ] = None,
     http_host: str = "127.0.0.1",
     http_port: int = 8000,
     grpc_host: str = "127.0.0.1",

@@ -11,11 +11,6 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
-
-from pdserve.config import Role, RouterConfig
-from pdserve.grpc_options import SERVER_OPTIONS
-from pdserve.metrics import RouterMetrics
 from pdserve.router.api.grpc import InferenceServicer
 from pdserve.router.api.http import build_http_app
 from pdserve.router.planner import Planner
@@ -23,6 +18,11 @@ from pdserve.router.scheduling.policy import make_policy
 from pdserve.router.service import GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import Role, RouterConfig
+from pdserve.grpc_options import SERVER_OPTIONS
+from pdserve.metrics import RouterMetrics
 from pdserve.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,11 @@ async def _watch_health(
             metrics.workers_healthy.labels(role.value).set(len(pool.healthy(role)))
         now = planner.can_serve()
         if now != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if now
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             await health.set("", status)
             await health.set(INFERENCE_SERVICE, status)
             serving = now
@@ -56,24 +60,34 @@ async def serve(config: RouterConfig) -> None:
     pool.add(config.decode_workers, Role.DECODE)
     pool.add(config.both_workers, Role.BOTH)
     planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
-    service = GenerationService(config.served_model_name, pool, planner, metrics, DEFAULT_MAX_MODEL_LEN)
+    service = GenerationService(
+        config.served_model_name, pool, planner, metrics, DEFAULT_MAX_MODEL_LEN
+    )
 
     grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service, tokenizer), grpc_server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(service, tokenizer), grpc_server
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            INFERENCE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         grpc_server,
     )
     grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
 
     app = build_http_app(service, tokenizer, registry, planner.can_serve, config.max_body_bytes)
     http = uvicorn.Server(
-        uvicorn.Config(app, host=config.http_host, port=config.http_port, log_level="warning", lifespan="off")
+        uvicorn.Config(
+            app, host=config.http_host, port=config.http_port, log_level="warning", lifespan="off"
+        )
     )
     # We own signal handling: stop both servers together.
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    http.install_signal_handlers = lambda: None
 
     await pool.poll_once()
     pool.start()
@@ -82,7 +96,11 @@ async def serve(config: RouterConfig) -> None:
     http_task = asyncio.create_task(http.serve())
     log.info(
         "router up: http://%s:%d  grpc %s:%d  workers %d",
-        config.http_host, config.http_port, config.grpc_host, config.grpc_port, len(pool.workers),
+        config.http_host,
+        config.http_port,
+        config.grpc_host,
+        config.grpc_port,
+        len(pool.workers),
     )
 
     stop = asyncio.Event()

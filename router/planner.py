@@ -6,10 +6,11 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.config import Role
-from pdserve.errors import NoCapacityError
 from pdserve.router.scheduling.policy import Policy
 from pdserve.router.workers import WorkerClient, WorkerPool
+
+from pdserve.config import Role
+from pdserve.errors import NoCapacityError
 
 
 class Mode(enum.StrEnum):

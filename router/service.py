@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from pdserve.router.planner import Mode, Plan, Planner
+from pdserve.router.workers import WorkerClient, WorkerPool
 
 from pdserve.errors import (
     ContextLengthError,
@@ -22,8 +24,6 @@ from pdserve.errors import (
     from_grpc_error,
 )
 from pdserve.metrics import RouterMetrics
-from pdserve.router.planner import Mode, Plan, Planner
-from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 
@@ -138,7 +138,10 @@ class GenerationService:
         # The router does not trust a worker's reply blindly.
         if handle is None or not handle.transport:
             raise KvTransferError(f"prefill worker {worker.name} returned no KV handle")
-        if handle.num_prompt_tokens != len(call.prompt_token_ids) or handle.model_id != self.model_id:
+        if (
+            handle.num_prompt_tokens != len(call.prompt_token_ids)
+            or handle.model_id != self.model_id
+        ):
             raise KvTransferError(
                 f"prefill worker {worker.name} returned a KV handle for another request "
                 f"({handle.num_prompt_tokens} tokens of {handle.model_id!r})"

@@ -16,7 +16,11 @@ from pdserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_ROLE_FROM_PROTO = {pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE, pb.ROLE_BOTH: Role.BOTH}
+_ROLE_FROM_PROTO = {
+    pb.ROLE_PREFILL: Role.PREFILL,
+    pb.ROLE_DECODE: Role.DECODE,
+    pb.ROLE_BOTH: Role.BOTH,
+}
 
 
 @dataclass
@@ -32,6 +36,7 @@ class WorkerClient:
     healthy: bool = False
     load: pb.LoadReport = field(default_factory=pb.LoadReport)
     in_flight: int = 0  # requests this router has on the worker now
+    failed_polls: int = 0  # consecutive polls without an answer
 
     @classmethod
     def connect(cls, address: str, role: Role) -> WorkerClient:
@@ -46,8 +51,16 @@ class WorkerClient:
 class WorkerPool:
     """All workers, polled for identity, health and load."""
 
-    def __init__(self, model_id: str, rpc_timeout_s: float, poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        rpc_timeout_s: float,
+        poll_interval_s: float,
+        unhealthy_after_failed_polls: int = 3,
+    ) -> None:
         self.model_id = model_id
+        # One slow poll on a busy machine is not an outage: only consecutive misses count.
+        self.unhealthy_after_failed_polls = unhealthy_after_failed_polls
         self.rpc_timeout_s = rpc_timeout_s
         self.poll_interval_s = poll_interval_s
         self.workers: list[WorkerClient] = []
@@ -79,12 +92,23 @@ class WorkerPool:
                     worker.healthy = False
                     return
                 worker.info = info
-                log.info("worker %s at %s joined as %s", info.worker_id, worker.address, worker.role)
+                log.info(
+                    "worker %s at %s joined as %s", info.worker_id, worker.address, worker.role
+                )
             worker.load = await worker.stub.GetLoad(pb.GetLoadRequest(), timeout=self.rpc_timeout_s)
+            worker.failed_polls = 0
             worker.healthy = not worker.load.draining
         except grpc.aio.AioRpcError as e:
+            worker.failed_polls += 1
+            if worker.failed_polls < self.unhealthy_after_failed_polls:
+                return
             if worker.healthy:
-                log.warning("worker %s unhealthy: %s", worker.name, e.code().name)
+                log.warning(
+                    "worker %s unhealthy after %d failed polls: %s",
+                    worker.name,
+                    worker.failed_polls,
+                    e.code().name,
+                )
             worker.healthy = False
             # Re-read the identity when it comes back: it may be a new process.
             worker.info = None

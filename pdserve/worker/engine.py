@@ -91,9 +91,7 @@ class Engine:
             kv_transfer_config=kv_config,
             disable_log_stats=False,
         )
-        self._llm = AsyncLLM.from_engine_args(
-            args, stat_loggers=[_load_logger_factory(self.load)]
-        )
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_load_logger_factory(self.load)])
         self.layout = self._read_layout()
 
     def _read_layout(self) -> KvLayout:

@@ -47,7 +47,7 @@ def to_vllm(
     return SamplingParams(**kwargs)
 
 
-def finish_reason_to_proto(reason: str | None) -> int:
+def finish_reason_to_proto(reason: str | None) -> cpb.FinishReason:
     if reason is None:
-        return int(cpb.FINISH_REASON_UNSPECIFIED)
-    return int(_FINISH.get(reason, cpb.FINISH_REASON_STOP))
+        return cpb.FINISH_REASON_UNSPECIFIED
+    return _FINISH.get(reason, cpb.FINISH_REASON_STOP)

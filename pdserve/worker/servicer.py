@@ -32,7 +32,11 @@ _STAGES_BY_ROLE: dict[Role, set[int]] = {
     Role.DECODE: {pb.STAGE_DECODE, pb.STAGE_FULL},
     Role.BOTH: {pb.STAGE_PREFILL, pb.STAGE_DECODE, pb.STAGE_FULL},
 }
-_ROLE_TO_PROTO = {Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE, Role.BOTH: pb.ROLE_BOTH}
+_ROLE_TO_PROTO = {
+    Role.PREFILL: pb.ROLE_PREFILL,
+    Role.DECODE: pb.ROLE_DECODE,
+    Role.BOTH: pb.ROLE_BOTH,
+}
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -45,6 +49,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.decode = DecodeStage(engine.transport, engine.layout)
         self.draining = False
         self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def Generate(
         self, request: pb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
@@ -53,6 +59,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         started = time.monotonic()
         status = "error"
         self.in_flight += 1
+        self.idle.clear()
         self.metrics.in_flight.labels(self.metrics.role).inc()
         try:
             params = self._sampling_params(request)
@@ -78,6 +85,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
             self.metrics.in_flight.labels(self.metrics.role).dec()
             self.metrics.requests.labels(self.metrics.role, stage, status).inc()
             self.metrics.e2e.labels(self.metrics.role, stage).observe(time.monotonic() - started)
@@ -136,11 +145,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.metrics.role, request.kv_handle.transport, "consumed"
             ).inc()
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
         await self.engine.abort(request.request_id)
         return pb.AbortResponse(found=True)
 
-    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:
+    async def GetLoad(
+        self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadReport:
         load = self.engine.load
         return pb.LoadReport(
             running_requests=load.running,
@@ -149,7 +162,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             draining=self.draining,
         )
 
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerInfo:
         assert self.engine.layout is not None
         info = pb.WorkerInfo(
             worker_id=self.config.worker_id,

@@ -7,15 +7,19 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-
-from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.router.service import GenerateCall, GenerationService
 from pdserve.router.tokenize import PromptTokenizer
+
+from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import inference_pb2 as pb
 from pdserve.v1 import inference_pb2_grpc
 
-_FINISH = {"stop": cpb.FINISH_REASON_STOP, "length": cpb.FINISH_REASON_LENGTH, "abort": cpb.FINISH_REASON_ABORT}
+_FINISH = {
+    "stop": cpb.FINISH_REASON_STOP,
+    "length": cpb.FINISH_REASON_LENGTH,
+    "abort": cpb.FINISH_REASON_ABORT,
+}
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -29,7 +33,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return self.tokenizer.encode_prompt(request.prompt)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            add = request.chat.add_generation_prompt if request.chat.HasField("add_generation_prompt") else True
+            add = (
+                request.chat.add_generation_prompt
+                if request.chat.HasField("add_generation_prompt")
+                else True
+            )
             return self.tokenizer.encode_chat(messages, add)
         if kind == "tokens":
             return self.tokenizer.check_token_ids(request.tokens.token_ids)
@@ -49,7 +57,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             request_id = request.request_id or uuid.uuid4().hex
             call = GenerateCall(request_id, prompt_ids, sampling, time.monotonic())
             async for delta in self.service.generate(call):
-                msg = pb.GenerateResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids)
+                msg = pb.GenerateResponse(
+                    request_id=request_id, text=delta.text, token_ids=delta.token_ids
+                )
                 if delta.finish_reason is not None:
                     msg.finish_reason = _FINISH[delta.finish_reason]
                 if delta.usage is not None:

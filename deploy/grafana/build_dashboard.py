@@ -1,0 +1,403 @@
+"""Build the pdserve Grafana dashboard as code (grafana-foundation-sdk) and write its JSON.
+
+    python deploy/grafana/build_dashboard.py           # write both copies
+    python deploy/grafana/build_dashboard.py --check   # exit 1 if a copy is out of date
+
+The JSON goes to deploy/grafana/pdserve.json (import it by hand) and to the Helm chart's
+files/pdserve.json (the Grafana sidecar ConfigMap). Metric names are pdserve's own
+(pdserve/metrics.py) or vLLM's `vllm:` engine metrics; tests/unit/test_dashboards.py checks
+every query. On Kubernetes, worker series carry `role` (prefill|decode) from the chart's
+ServiceMonitor, which is how the pool rows select their workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# grafana-foundation-sdk is needed to regenerate the JSON, not to run pdserve: type-checking
+# must also pass where it is not installed.
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, timeseries  # type: ignore[import-not-found, unused-ignore]
+from grafana_foundation_sdk.cog.encoder import JSONEncoder  # type: ignore[import-not-found, unused-ignore]
+from grafana_foundation_sdk.models import common as cm  # type: ignore[import-not-found, unused-ignore]
+from grafana_foundation_sdk.models import dashboard as dm  # type: ignore[import-not-found, unused-ignore]
+
+REPO = Path(__file__).resolve().parents[2]
+OUTPUTS = (REPO / "deploy/grafana/pdserve.json", REPO / "deploy/helm/pdserve/files/pdserve.json")
+
+DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+RATE = "[$__rate_interval]"
+NS = 'namespace=~"$namespace"'
+# Router request outcomes that are the server's fault: HTTP 5xx and gRPC server-side codes.
+ROUTER_ERRORS = 'status=~"5..|INTERNAL|UNAVAILABLE|UNKNOWN|DATA_LOSS|DEADLINE_EXCEEDED"'
+QUANTILES = (0.5, 0.9, 0.99)
+DECODE = 'role="decode"'
+DISAGGREGATED = 'mode="disaggregated"'
+
+
+def sel(*matchers: str) -> str:
+    """A label selector that always carries the dashboard's namespace filter."""
+    return "{" + ", ".join((NS, *matchers)) + "}"
+
+
+def rate(metric: str, *matchers: str) -> str:
+    return f"rate({metric}{sel(*matchers)}{RATE})"
+
+
+def quantile(q: float, histogram: str, *matchers: str, by: str = "") -> str:
+    """histogram_quantile over a pdserve/vLLM histogram's buckets."""
+    group = f"{by}, le" if by else "le"
+    return f"histogram_quantile({q}, sum by ({group}) ({rate(histogram + '_bucket', *matchers)}))"
+
+
+def query(expr: str, legend: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend)
+
+
+def series(
+    title: str, unit: str, targets: list[prometheus.Dataquery], description: str = "", w: int = 8
+) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(w)
+        .height(8)
+        .fill_opacity(10)
+        .legend(
+            common.VizLegendOptions()
+            .show_legend(True)
+            .display_mode(cm.LegendDisplayMode.LIST)
+            .placement(cm.LegendPlacement.BOTTOM)
+            .calcs([])
+        )
+        .tooltip(
+            common.VizTooltipOptions()
+            .mode(cm.TooltipDisplayMode.MULTI)
+            .sort(cm.SortOrder.DESCENDING)
+        )
+    )
+    for ref, target in zip("ABCDEFGH", targets, strict=False):
+        panel = panel.with_target(target.ref_id(ref))
+    return panel
+
+
+def percentiles(title: str, histogram: str, *matchers: str, description: str = "") -> Any:
+    targets = [query(quantile(q, histogram, *matchers), f"p{round(q * 100)}") for q in QUANTILES]
+    return series(title, "s", targets, description)
+
+
+def single(title: str, unit: str, expr: str, description: str = "") -> stat.Panel:
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(6)
+        .height(4)
+        .graph_mode(cm.BigValueGraphMode.AREA)
+        .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .with_target(query(expr, title).ref_id("A"))
+    )
+
+
+def overview() -> list[Any]:
+    errors = (
+        f"sum({rate('pdserve_router_requests_total', ROUTER_ERRORS)}) / "
+        f"sum({rate('pdserve_router_requests_total')})"
+    )
+    return [
+        single("Requests/s", "reqps", f"sum({rate('pdserve_router_requests_total')})"),
+        single("Error ratio", "percentunit", errors, "HTTP 5xx and gRPC server errors."),
+        single("In flight", "short", f"sum(pdserve_router_requests_in_flight{sel()})"),
+        single(
+            "TTFT p90",
+            "s",
+            quantile(0.9, "pdserve_router_time_to_first_token_seconds"),
+        ),
+        series(
+            "Requests/s by route and status",
+            "reqps",
+            [
+                query(
+                    f"sum by (route, status) ({rate('pdserve_router_requests_total')})",
+                    "{{route}} {{status}}",
+                )
+            ],
+        ),
+        percentiles(
+            "Time to first token (router)",
+            "pdserve_router_time_to_first_token_seconds",
+            description="From request arrival at the router to the first generated token.",
+        ),
+        percentiles(
+            "Inter-token latency (router)",
+            "pdserve_router_inter_token_latency_seconds",
+            description="Between consecutive streamed tokens, as the client sees them.",
+        ),
+        percentiles("End-to-end latency", "pdserve_router_request_duration_seconds"),
+        series(
+            "Tokens/s",
+            "short",
+            [
+                query(f"sum({rate('pdserve_router_prompt_tokens_total')})", "prompt"),
+                query(f"sum({rate('pdserve_router_generation_tokens_total')})", "generated"),
+            ],
+        ),
+        series(
+            "Healthy workers",
+            "short",
+            [
+                query(
+                    f"max by (role) (pdserve_router_workers_healthy{sel()})",
+                    "{{role}}",
+                )
+            ],
+            "Workers that answered the router's last health poll.",
+        ),
+    ]
+
+
+def pool(role: str) -> list[Any]:
+    r = f'role="{role}"'
+    panels = [
+        series(
+            "Running and waiting requests",
+            "short",
+            [
+                query(f"sum by (pod) (vllm:num_requests_running{sel(r)})", "running {{pod}}"),
+                query(f"sum by (pod) (vllm:num_requests_waiting{sel(r)})", "waiting {{pod}}"),
+            ],
+        ),
+        series(
+            "KV cache usage",
+            "percentunit",
+            [query(f"max by (pod) (vllm:kv_cache_usage_perc{sel(r)})", "{{pod}}")],
+            "Share of the engine's KV blocks in use; near 1 requests queue or get preempted.",
+        ),
+        series(
+            "Worker requests/s by outcome",
+            "reqps",
+            [
+                query(
+                    f"sum by (stage, status) ({rate('pdserve_worker_requests_total', r)})",
+                    "{{stage}} {{status}}",
+                )
+            ],
+        ),
+        percentiles(
+            "Time to first output (worker)",
+            "pdserve_worker_time_to_first_token_seconds",
+            r,
+            description="From the worker receiving a request to its first output.",
+        ),
+        percentiles("Engine queue time", "vllm:request_queue_time_seconds", r),
+    ]
+    if role == "prefill":
+        hits = f"sum({rate('vllm:prefix_cache_hits_total', r)})"
+        queries = f"sum({rate('vllm:prefix_cache_queries_total', r)})"
+        panels += [
+            series(
+                "Prompt tokens/s",
+                "short",
+                [query(f"sum by (pod) ({rate('vllm:prompt_tokens_total', r)})", "{{pod}}")],
+            ),
+            series(
+                "Prefix cache hit ratio",
+                "percentunit",
+                [query(f"{hits} / {queries}", "hit ratio")],
+            ),
+        ]
+    else:
+        panels += [
+            series(
+                "Generated tokens/s",
+                "short",
+                [query(f"sum by (pod) ({rate('vllm:generation_tokens_total', r)})", "{{pod}}")],
+            ),
+            percentiles("Inter-token latency (engine)", "vllm:inter_token_latency_seconds", r),
+            series(
+                "Preemptions/s",
+                "short",
+                [query(f"sum by (pod) ({rate('vllm:num_preemptions_total', r)})", "{{pod}}")],
+                "Running requests evicted for lack of KV blocks.",
+            ),
+        ]
+    return panels
+
+
+def kv_transfer() -> list[Any]:
+    xfer = "vllm:nixl_xfer_time_seconds"
+    return [
+        series(
+            "KV handles/s",
+            "short",
+            [
+                query(
+                    "sum by (role, transport, direction) "
+                    f"({rate('pdserve_worker_kv_handles_total')})",
+                    "{{role}} {{direction}} ({{transport}})",
+                )
+            ],
+            "Handles produced by prefill workers and consumed by decode workers.",
+        ),
+        percentiles("Transfer time (NIXL)", xfer),
+        series(
+            "Transfer throughput",
+            "Bps",
+            [query(f"sum({rate('vllm:nixl_bytes_transferred_sum')})", "bytes/s")],
+        ),
+        series(
+            "Bytes per transfer",
+            "bytes",
+            [
+                query(
+                    f"sum({rate('vllm:nixl_bytes_transferred_sum')}) / "
+                    f"sum({rate('vllm:nixl_bytes_transferred_count')})",
+                    "mean",
+                )
+            ],
+        ),
+        series(
+            "Failures",
+            "short",
+            [
+                query(f"sum({rate('vllm:nixl_num_failed_transfers_total')})", "failed/s"),
+                query(f"sum({rate('vllm:nixl_num_kv_expired_reqs_total')})", "lease expired/s"),
+                query(f"sum({rate('pdserve_worker_kv_incompatible_total')})", "incompatible/s"),
+            ],
+            "Failed NIXL transfers, prefill KV freed before a pull, layout mismatches.",
+        ),
+        series(
+            "Decode prompt tokens by source",
+            "short",
+            [
+                query(
+                    f"sum by (source) ({rate('vllm:prompt_tokens_by_source_total', DECODE)})",
+                    "{{source}}",
+                )
+            ],
+            "external_kv_transfer: tokens whose KV came from a prefill worker.",
+        ),
+    ]
+
+
+def routing() -> list[Any]:
+    decisions = "pdserve_router_routing_decisions_total"
+    hits = f"sum by (role) ({rate('vllm:prefix_cache_hits_total')})"
+    queries = f"sum by (role) ({rate('vllm:prefix_cache_queries_total')})"
+    return [
+        series(
+            "Routing decisions/s",
+            "short",
+            [query(f"sum by (mode) ({rate(decisions)})", "{{mode}}")],
+            "colocated: one worker does both; disaggregated: prefill then decode.",
+        ),
+        series(
+            "Disaggregated share",
+            "percentunit",
+            [
+                query(
+                    f"sum({rate(decisions, DISAGGREGATED)}) / sum({rate(decisions)})",
+                    "disaggregated",
+                )
+            ],
+        ),
+        series(
+            "TTFT p90 by mode",
+            "s",
+            [
+                query(
+                    quantile(0.9, "pdserve_router_time_to_first_token_seconds", by="mode"),
+                    "{{mode}}",
+                )
+            ],
+        ),
+        series(
+            "Prefix cache hit ratio by pool",
+            "percentunit",
+            [query(f"{hits} / {queries}", "{{role}}")],
+        ),
+        series(
+            "Requests in flight per worker",
+            "short",
+            [
+                query(
+                    f"sum by (role, pod) (pdserve_worker_requests_in_flight{sel()})",
+                    "{{role}} {{pod}}",
+                )
+            ],
+            "How evenly the router spreads load.",
+        ),
+    ]
+
+
+def build() -> dict[str, Any]:
+    """The dashboard as a JSON-ready dict."""
+    board = (
+        dashboard.Dashboard("pdserve")
+        .uid("pdserve")
+        .description("Disaggregated prefill/decode serving: traffic, pools, KV transfer.")
+        .tags(["pdserve", "vllm", "llm"])
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("browser")
+        .with_variable(
+            dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .with_variable(
+            dashboard.QueryVariable("namespace")
+            .label("Namespace")
+            .datasource(DATASOURCE)
+            .query("label_values(pdserve_router_requests_in_flight, namespace)")
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .include_all(True)
+            .all_value(".*")
+        )
+    )
+    rows = [
+        ("Overview", overview()),
+        ("Prefill pool", pool("prefill")),
+        ("Decode pool", pool("decode")),
+        ("KV transfer", kv_transfer()),
+        ("Routing and cache", routing()),
+    ]
+    panel_id = 0
+    for title, panels in rows:
+        panel_id += 1
+        board = board.with_row(dashboard.Row(title).id(panel_id))
+        for panel in panels:
+            panel_id += 1
+            board = board.with_panel(panel.id(panel_id))
+    built: dict[str, Any] = json.loads(json.dumps(board.build(), cls=JSONEncoder))
+    return built
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a copy is out of date")
+    args = parser.parse_args()
+    text = render()
+    stale = [p for p in OUTPUTS if not p.is_file() or p.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"out of date: {path.relative_to(REPO)}", file=sys.stderr)
+        return 1 if stale else 0
+    for path in OUTPUTS:
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

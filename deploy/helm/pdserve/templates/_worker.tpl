@@ -1,0 +1,251 @@
+{{/*
+Worker pools. prefill-*.yaml and decode-*.yaml call these with (dict "root" $ "role" ROLE),
+so both pools share one definition and differ only in their values.
+*/}}
+
+{{/* The worker's command line. */}}
+{{- define "pdserve.worker.args" -}}
+{{- $root := .root -}}
+{{- $pool := index $root.Values .role -}}
+{{- $w := $root.Values.workers -}}
+- worker
+- --role={{ .role }}
+- --model={{ $root.Values.model.path }}
+- --served-model-name={{ include "pdserve.servedModelName" $root }}
+{{- /* Unique per pod: it is also the NIXL engine id the decode side pulls from. */}}
+- --worker-id=$(POD_NAME)
+{{- /* Not 0.0.0.0: the prefill worker advertises this host to decode workers as its
+       NIXL side-channel address, so it must be an address other pods can reach. */}}
+- --host=$(POD_IP)
+- --port={{ $w.grpcPort }}
+- --metrics-port={{ $w.metricsPort }}
+- --kv-transport={{ $w.kvTransport }}
+- --kv-port={{ $w.kvPort }}
+- --kv-lease-s={{ $w.kvLeaseSeconds }}
+- --tensor-parallel-size={{ $pool.tensorParallelSize }}
+- --pipeline-parallel-size={{ $pool.pipelineParallelSize }}
+- --max-model-len={{ $root.Values.model.maxModelLen }}
+- --dtype={{ $root.Values.model.dtype }}
+- --log-level={{ $w.logLevel }}
+{{- range $pool.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Resources of one worker pod: the pool's, plus TP x PP GPUs when GPUs are on. */}}
+{{- define "pdserve.worker.resources" -}}
+{{- $root := .root -}}
+{{- $pool := index $root.Values .role -}}
+{{- $res := deepCopy (default dict $pool.resources) -}}
+{{- if $root.Values.workers.gpu.enabled -}}
+{{- $gpus := mul (int $pool.tensorParallelSize) (int $pool.pipelineParallelSize) -}}
+{{- $limits := default dict $res.limits -}}
+{{- $_ := set $limits $root.Values.workers.gpu.resourceName $gpus -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
+
+{{/* The pool's workload: a StatefulSet for a static worker list (stable pod DNS names
+the router's flags can name), a Deployment when the router discovers pods itself. */}}
+{{- define "pdserve.worker.workload" -}}
+{{- $root := .root -}}
+{{- $role := .role -}}
+{{- $pool := index $root.Values $role -}}
+{{- $w := $root.Values.workers -}}
+{{- $name := include "pdserve.componentName" (dict "root" $root "component" $role) -}}
+{{- $k8s := include "pdserve.kubernetesDiscovery" $root -}}
+{{- include "pdserve.validate" $root -}}
+apiVersion: apps/v1
+kind: {{ if $k8s }}Deployment{{ else }}StatefulSet{{ end }}
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "pdserve.labels" (dict "root" $root "component" $role) | nindent 4 }}
+spec:
+  {{- if not $pool.autoscaling.enabled }}
+  replicas: {{ $pool.replicas }}
+  {{- end }}
+  {{- if not $k8s }}
+  serviceName: {{ $name }}
+  # Workers are independent: start and replace them all at once, not one by one.
+  podManagementPolicy: Parallel
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "pdserve.selectorLabels" (dict "root" $root "component" $role) | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "pdserve.labels" (dict "root" $root "component" $role) | nindent 8 }}
+        pdserve.io/role: {{ $role }}
+        {{- with $pool.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $pool.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      # Workers never call the Kubernetes API.
+      automountServiceAccountToken: false
+      enableServiceLinks: false
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      terminationGracePeriodSeconds: {{ $w.terminationGracePeriodSeconds }}
+      {{- with $root.Values.podSecurityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: worker
+          image: {{ include "pdserve.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: [pdserve]
+          args:
+            {{- include "pdserve.worker.args" . | nindent 12 }}
+          env:
+            {{- include "pdserve.commonEnv" $root | nindent 12 }}
+            {{- with $pool.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          ports:
+            - name: grpc
+              containerPort: {{ $w.grpcPort }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ $w.metricsPort }}
+              protocol: TCP
+            - name: kv
+              containerPort: {{ $w.kvPort }}
+              protocol: TCP
+          # The gRPC server opens only after the engine has loaded, and the standard
+          # grpc.health.v1 service turns NOT_SERVING when the worker starts draining.
+          startupProbe:
+            grpc:
+              port: {{ $w.grpcPort }}
+            periodSeconds: {{ $w.startupProbe.periodSeconds }}
+            failureThreshold: {{ $w.startupProbe.failureThreshold }}
+          readinessProbe:
+            grpc:
+              port: {{ $w.grpcPort }}
+            periodSeconds: 5
+            timeoutSeconds: 3
+            failureThreshold: 2
+          livenessProbe:
+            grpc:
+              port: {{ $w.grpcPort }}
+            periodSeconds: 10
+            timeoutSeconds: 5
+            failureThreshold: 6
+          {{- if gt (int $w.preStopSleepSeconds) 0 }}
+          lifecycle:
+            # Let the router and endpoints see the pod leave before SIGTERM starts the drain.
+            preStop:
+              exec:
+                command: [sleep, {{ $w.preStopSleepSeconds | quote }}]
+          {{- end }}
+          resources:
+            {{- include "pdserve.worker.resources" . | nindent 12 }}
+          {{- with $root.Values.securityContext }}
+          securityContext:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          volumeMounts:
+            {{- include "pdserve.commonVolumeMounts" $root | nindent 12 }}
+            - name: dshm
+              mountPath: /dev/shm
+      volumes:
+        {{- include "pdserve.commonVolumes" $root | nindent 8 }}
+        - name: dshm
+          emptyDir:
+            medium: Memory
+            sizeLimit: {{ $w.shmSize }}
+      {{- with $pool.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $pool.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $pool.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end -}}
+
+{{/* Headless Service of a pool: per-pod DNS names for the StatefulSet and the target the
+ServiceMonitor scrapes. Not-ready pods stay listed: the router health-checks workers itself
+and Prometheus should see a worker that is still loading. */}}
+{{- define "pdserve.worker.service" -}}
+{{- $root := .root -}}
+{{- $w := $root.Values.workers -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "pdserve.componentName" (dict "root" $root "component" .role) }}
+  labels:
+    {{- include "pdserve.labels" (dict "root" $root "component" .role) | nindent 4 }}
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector:
+    {{- include "pdserve.selectorLabels" (dict "root" $root "component" .role) | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $w.grpcPort }}
+      targetPort: grpc
+      protocol: TCP
+    - name: metrics
+      port: {{ $w.metricsPort }}
+      targetPort: metrics
+      protocol: TCP
+{{- end -}}
+
+{{- define "pdserve.worker.hpa" -}}
+{{- $root := .root -}}
+{{- $pool := index $root.Values .role -}}
+{{- if $pool.autoscaling.enabled -}}
+{{- include "pdserve.validate" $root -}}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "pdserve.componentName" (dict "root" $root "component" .role) }}
+  labels:
+    {{- include "pdserve.labels" (dict "root" $root "component" .role) | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "pdserve.componentName" (dict "root" $root "component" .role) }}
+  minReplicas: {{ $pool.autoscaling.minReplicas }}
+  maxReplicas: {{ $pool.autoscaling.maxReplicas }}
+  metrics:
+    {{- toYaml $pool.autoscaling.metrics | nindent 4 }}
+  {{- with $pool.autoscaling.behavior }}
+  behavior:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* A PodDisruptionBudget for one component. Call with (dict "root" $ "component" C). */}}
+{{- define "pdserve.pdb" -}}
+{{- $values := index .root.Values .component -}}
+{{- if $values.podDisruptionBudget.enabled -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "pdserve.componentName" . }}
+  labels:
+    {{- include "pdserve.labels" . | nindent 4 }}
+spec:
+  maxUnavailable: {{ $values.podDisruptionBudget.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "pdserve.selectorLabels" . | nindent 6 }}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,332 @@
+"""`pdserve up --backend local`: a router and prefill/decode workers as local processes.
+
+Each component runs in its own process group (so vLLM's engine-core and TP/PP worker
+processes are stopped with it) and dies with this launcher (PR_SET_PDEATHSIG). Ctrl-C
+stops everything; a component that exits on its own is reported with its log tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pdserve.deploy.local.probes import grpc_serving, http_ready
+from pdserve.kv_transfer.metadata import KvLayout
+from pdserve.kv_transfer.nixl import transport_for
+
+from pdserve.config import ClusterConfig, PoolConfig, Role
+from pdserve.errors import ConfigError
+from pdserve.models import resolve_model
+
+# Room for a worker's NIXL side-channel ports (one per data-parallel rank).
+KV_PORTS_PER_WORKER = 8
+STOP_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 900.0
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log_path: Path
+    is_ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    ready: bool = False
+    reported_exit: bool = False
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: get SIGTERM if the launcher dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def cpu_binds(pools: list[PoolConfig], cores: list[int]) -> list[str]:
+    """One VLLM_CPU_OMP_THREADS_BIND value per worker: each engine rank gets a core,
+    round-robin over the available cores (ranks share cores when there are too few)."""
+    binds: list[str] = []
+    next_core = 0
+    for pool in pools:
+        for _ in range(pool.replicas):
+            ranks = []
+            for _ in range(pool.ranks):
+                ranks.append(str(cores[next_core % len(cores)]))
+                next_core += 1
+            binds.append("|".join(ranks))
+    return binds
+
+
+def check_topology(config: ClusterConfig) -> None:
+    """Refuse shapes that cannot work before starting anything."""
+    if config.both.replicas == 0 and config.decode.replicas == 0:
+        raise ConfigError("a cluster needs at least one decode or colocated worker")
+    if config.prefill.replicas and not config.decode.replicas:
+        raise ConfigError("prefill workers need decode workers to hand their KV to")
+    transport = transport_for(config.kv_transport.value, config.kv_lease_s)
+    if config.prefill.replicas and config.decode.replicas:
+
+        def shape(pool: PoolConfig) -> KvLayout:
+            return KvLayout(
+                "", "", 0, 0, 0, 0, pool.tensor_parallel_size, pool.pipeline_parallel_size
+            )
+
+        try:
+            transport.check_shapes(shape(config.prefill), shape(config.decode))
+        except Exception as e:
+            raise ConfigError(str(e)) from e
+
+
+def plan_components(
+    config: ClusterConfig, model_path: Path, log_dir: Path
+) -> tuple[list[Component], Component]:
+    """The worker components and the router component of a cluster."""
+    served = config.served_model_name or model_path.name
+    pools = [(Role.PREFILL, config.prefill), (Role.DECODE, config.decode), (Role.BOTH, config.both)]
+    binds = cpu_binds([p for _, p in pools], sorted(os.sched_getaffinity(0)))
+    workers: list[Component] = []
+    router_args: list[str] = []
+    index = 0
+    for role, pool in pools:
+        for replica in range(pool.replicas):
+            port = config.worker_base_port + index
+            name = f"{role.value}-{replica}"
+            argv = [
+                sys.executable,
+                "-m",
+                "pdserve.cli",
+                "worker",
+                "--role",
+                role.value,
+                "--model",
+                str(model_path),
+                "--served-model-name",
+                served,
+                "--worker-id",
+                name,
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(config.metrics_base_port + index),
+                "--kv-port",
+                str(config.kv_base_port + index * KV_PORTS_PER_WORKER),
+                "--kv-lease-s",
+                str(config.kv_lease_s),
+                "--kv-transport",
+                config.kv_transport.value,
+                "--tensor-parallel-size",
+                str(pool.tensor_parallel_size),
+                "--pipeline-parallel-size",
+                str(pool.pipeline_parallel_size),
+                "--max-model-len",
+                str(config.max_model_len),
+                "--cpu-bind",
+                binds[index],
+            ]
+            address = f"127.0.0.1:{port}"
+            workers.append(Component(name, argv, log_dir / f"{name}.log", _grpc_probe(address)))
+            router_args += [f"--{role.value}", address]
+            index += 1
+    router = Component(
+        "router",
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "router",
+            "--model",
+            str(model_path),
+            "--served-model-name",
+            served,
+            "--http-port",
+            str(config.http_port),
+            "--grpc-port",
+            str(config.grpc_port),
+            *router_args,
+        ],
+        log_dir / "router.log",
+        lambda: http_ready(f"http://127.0.0.1:{config.http_port}/ready"),
+    )
+    return workers, router
+
+
+def _grpc_probe(address: str) -> Callable[[], bool]:
+    return lambda: grpc_serving(address)
+
+
+class Cluster:
+    def __init__(
+        self, workers: list[Component], router: Component, say: Callable[[str], None]
+    ) -> None:
+        self.workers = workers
+        self.router = router
+        self.say = say
+
+    @property
+    def components(self) -> list[Component]:
+        return [*self.workers, self.router]
+
+    def start_and_wait(self, timeout_s: float) -> bool:
+        """Start workers, then the router once workers are up. False if something died."""
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        started = time.monotonic()
+        for c in self.workers:
+            c.start()
+        with console.status("") as status:
+            for group in (self.workers, [self.router]):
+                if group is not self.workers:
+                    self.router.start()
+                while not all(c.ready for c in group):
+                    for c in group:
+                        if c.exit_code() is not None:
+                            self._report_exit(c)
+                            return False
+                        if not c.ready and c.is_ready():
+                            c.ready = True
+                            self.say(f"{c.name} ready ({time.monotonic() - started:.0f} s)")
+                    waiting = ", ".join(c.name for c in group if not c.ready)
+                    status.update(
+                        f"loading engines: waiting for {waiting} ({time.monotonic() - started:.0f} s)"
+                    )
+                    if time.monotonic() - started > timeout_s:
+                        self.say(f"gave up after {timeout_s:.0f} s waiting for {waiting}")
+                        return False
+                    time.sleep(0.5)
+        return True
+
+    def supervise(self, stop_requested: Callable[[], bool]) -> int:
+        """Run until Ctrl-C or the router exits; report workers that exit."""
+        while not stop_requested():
+            for c in self.workers:
+                if c.exit_code() is not None and not c.reported_exit:
+                    self._report_exit(c)
+            if self.router.exit_code() is not None:
+                self._report_exit(self.router)
+                return 1
+            time.sleep(0.5)
+        return 0
+
+    def _report_exit(self, c: Component) -> None:
+        c.reported_exit = True
+        self.say(f"{c.name} exited with code {c.exit_code()}; last lines of {c.log_path}:")
+        print(c.log_tail(), file=sys.stderr)
+
+    def stop(self) -> None:
+        """SIGTERM every process group (workers drain), then SIGKILL what is left."""
+        for c in [self.router, *self.workers]:
+            c.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for c in self.components:
+            if c.proc is None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            # Engine-core and TP/PP processes share the group: make sure none is left.
+            c.signal_group(signal.SIGKILL)
+
+
+def _say(message: str) -> None:
+    print(f"pdserve: {message}", file=sys.stderr, flush=True)
+
+
+def run_cluster(config: ClusterConfig, log_dir: Path | None) -> int:
+    check_topology(config)
+    _say(f"preparing model {config.model!r} (first use converts it once)")
+    model_path = resolve_model(config.model)
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="pdserve-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers, router = plan_components(config, model_path, log_dir)
+    _say(f"starting {len(workers)} workers and the router; logs in {log_dir}")
+    cluster = Cluster(workers, router, _say)
+
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        if not cluster.start_and_wait(START_TIMEOUT_S):
+            return 1
+        served = config.served_model_name or model_path.name
+        _print_ready(config, served)
+        signal.signal(signal.SIGINT, request_stop)
+        return cluster.supervise(lambda: stopping)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _say("stopping all processes")
+        cluster.stop()
+        _say("stopped")
+
+
+def _pool_summary(config: ClusterConfig) -> str:
+    return (
+        f"{config.prefill.replicas} prefill + {config.decode.replicas} decode + "
+        f"{config.both.replicas} colocated workers"
+    )
+
+
+def _example_body(served: str) -> dict[str, object]:
+    question = {"role": "user", "content": "What is the capital of France?"}
+    return {"model": served, "messages": [question], "max_tokens": 32, "temperature": 0}
+
+
+def _print_ready(config: ClusterConfig, served: str) -> None:
+    base = f"http://127.0.0.1:{config.http_port}"
+    print(
+        f"""
+pdserve is ready: {_pool_summary(config)}
+  OpenAI API   {base}/v1   (model "{served}")
+  gRPC API     127.0.0.1:{config.grpc_port}   (pdserve.v1.Inference, health, reflection)
+  metrics      {base}/metrics   workers: 127.0.0.1:{config.metrics_base_port}..
+
+Try it:
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{json.dumps(_example_body(served))}'
+
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )

@@ -1,0 +1,294 @@
+"""``pdserve bench``: drive OpenAI-compatible endpoints, or start and compare setups."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pdserve.bench.arrival import ArrivalSpec
+from pdserve.bench.client import RequestResult
+from pdserve.bench.compare import run_compare, sigterm_as_interrupt
+from pdserve.bench.metrics import DEFAULT_ATTAINMENT
+from pdserve.bench.options import (
+    ApiKeyOpt,
+    AttainmentOpt,
+    BaselineOpt,
+    BurstOpt,
+    CommonFlags,
+    ConcurrencyOpt,
+    ExtraBodyOpt,
+    GroupsOpt,
+    IgnoreEosOpt,
+    InputLenOpt,
+    MaxConcurrencyOpt,
+    MaxContextOpt,
+    NumRequestsOpt,
+    OutOpt,
+    OutputLenOpt,
+    PlotsOpt,
+    PrefixLenOpt,
+    ProgressOpt,
+    RateOpt,
+    RatesOpt,
+    ReplayOpt,
+    SearchOpt,
+    SeedOpt,
+    SloOpt,
+    ThinkTimeOpt,
+    TimeoutOpt,
+    TurnsOpt,
+    WarmupOpt,
+    WorkloadOpt,
+)
+from pdserve.bench.report import BenchReport, environment, markdown, write_report
+from pdserve.bench.runner import PhaseHook, ResultHook, RunPlan, TargetResult, run_interleaved
+from pdserve.bench.runner import served_model as fetch_served_model
+from pdserve.bench.setups import DEFAULT_SETUPS, SetupContext, SetupSpec
+from pdserve.bench.workloads import WorkloadKind, load_tokenizer
+from pdserve.errors import PdserveError
+
+bench_app = typer.Typer(
+    help="Benchmark OpenAI-compatible endpoints: TTFT, TPOT, ITL, throughput, SLO goodput.",
+    no_args_is_help=True,
+)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, console: Console) -> Iterator[PhaseHook | None]:
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ok {task.fields[ok]} err {task.fields[err]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def on_phase(target: str, arrival: ArrivalSpec, count: int) -> ResultHook:
+        task = progress.add_task(f"{target} {arrival.label}", total=count, ok=0, err=0)
+        counts = {"ok": 0, "err": 0}
+
+        def on_result(result: RequestResult) -> None:
+            counts["ok" if result.ok else "err"] += 1
+            progress.update(task, advance=1, ok=counts["ok"], err=counts["err"])
+
+        return on_result
+
+    with progress:
+        yield on_phase
+
+
+def _out_dir(out: Path | None) -> Path:
+    return out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _finish(
+    console: Console,
+    plan: RunPlan,
+    targets: list[TargetResult],
+    flags: dict[str, object],
+    out: Path,
+    baseline: str | None,
+    plots: bool,
+) -> None:
+    report = BenchReport(
+        workload=plan.workload.summary(),
+        targets=targets,
+        environment=environment(flags),
+        slo=plan.slo.describe() if plan.slo else None,
+        baseline=baseline,
+        attainment=plan.attainment,
+    )
+    files = write_report(report, out, plots=plots)
+    text = markdown(report)
+    # Rich renders tables to fit the terminal; on narrow ones plain markdown reads better.
+    if console.width >= 140:
+        console.print(Markdown(text))
+    else:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _fail(console: Console, err: PdserveError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err.message}")
+    return typer.Exit(2)
+
+
+@bench_app.command()
+def serve(
+    target: Annotated[
+        list[str], typer.Option(help="endpoint base URL, e.g. http://127.0.0.1:8000 (repeat)")
+    ],
+    name: Annotated[list[str] | None, typer.Option(help="label per --target, in order")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="model id (default: first of /v1/models)")
+    ] = None,
+    tokenizer: Annotated[str, typer.Option(help="model folder, 'default' or 'tiny'")] = "default",
+    workload: WorkloadOpt = WorkloadKind.RANDOM,
+    num_requests: NumRequestsOpt = 32,
+    input_len: InputLenOpt = None,
+    output_len: OutputLenOpt = None,
+    seed: SeedOpt = 0,
+    groups: GroupsOpt = 4,
+    prefix_len: PrefixLenOpt = 512,
+    turns: TurnsOpt = 4,
+    replay: ReplayOpt = None,
+    max_context: MaxContextOpt = 2048,
+    concurrency: ConcurrencyOpt = None,
+    rate: RateOpt = None,
+    rates: RatesOpt = None,
+    burst: BurstOpt = None,
+    max_concurrency: MaxConcurrencyOpt = None,
+    think_time: ThinkTimeOpt = 0.0,
+    search: SearchOpt = None,
+    slo: SloOpt = None,
+    slo_attainment: AttainmentOpt = DEFAULT_ATTAINMENT,
+    request_timeout: TimeoutOpt = 600.0,
+    ignore_eos: IgnoreEosOpt = True,
+    api_key: ApiKeyOpt = None,
+    extra_body: ExtraBodyOpt = None,
+    warmup: WarmupOpt = 1,
+    out: OutOpt = None,
+    baseline: BaselineOpt = None,
+    plots: PlotsOpt = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run a workload against running endpoints (interleaved phase by phase) and report."""
+    console = Console(stderr=True)
+    flags = CommonFlags(
+        workload, num_requests, input_len, output_len, seed, groups, prefix_len, turns, replay,
+        max_context, concurrency, rate, rates, burst, max_concurrency, think_time, search, slo,
+        slo_attainment, request_timeout, ignore_eos, api_key, extra_body, warmup,
+    )  # fmt: skip
+    names = list(name or [])
+    if names and len(names) != len(target):
+        raise typer.BadParameter("give one --name per --target, or none")
+    try:
+        plan = flags.plan(load_tokenizer(tokenizer), model or "")
+        targets = []
+        for i, url in enumerate(target):
+            label = names[i] if names else (f"target{i}" if len(target) > 1 else "target")
+            served = model or asyncio.run(fetch_served_model(url))
+            targets.append(TargetResult(label, url.rstrip("/"), served))
+        with _progress(progress, console) as hook:
+            asyncio.run(run_interleaved(targets, plan, hook))
+    except PdserveError as e:
+        raise _fail(console, e) from e
+    run_flags = {**flags.to_json(), "tokenizer": tokenizer, "targets": target}
+    _finish(console, plan, targets, run_flags, _out_dir(out), baseline, plots)
+
+
+@bench_app.command()
+def compare(
+    model: Annotated[str, typer.Option(help="'default', 'tiny' or a model folder")] = "default",
+    served_model_name: Annotated[
+        str | None, typer.Option(help="model id (default: folder name)")
+    ] = None,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(help="[LABEL=]vllm|vllm-pd|pdserve[:EXTRA ARGS] (repeat; default all three)"),
+    ] = None,
+    attach: Annotated[
+        list[str] | None, typer.Option(help="NAME=URL of a running setup (repeat)")
+    ] = None,
+    port_base: Annotated[int, typer.Option(help="first port; each setup takes 20")] = 18000,
+    side_channel_port_base: Annotated[
+        int, typer.Option(help="first NIXL side-channel port")
+    ] = 18600,
+    startup_timeout: Annotated[
+        float, typer.Option(help="seconds for a setup to get ready")
+    ] = 900.0,
+    stop_timeout: Annotated[float, typer.Option(help="seconds after SIGINT before SIGKILL")] = 30.0,
+    max_model_len: int = 2048,
+    kv_cache_gib: Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE per engine")] = 1,
+    log_dir: Annotated[Path | None, typer.Option(help="setup logs (default OUT/logs)")] = None,
+    workload: WorkloadOpt = WorkloadKind.RANDOM,
+    num_requests: NumRequestsOpt = 32,
+    input_len: InputLenOpt = None,
+    output_len: OutputLenOpt = None,
+    seed: SeedOpt = 0,
+    groups: GroupsOpt = 4,
+    prefix_len: PrefixLenOpt = 512,
+    turns: TurnsOpt = 4,
+    replay: ReplayOpt = None,
+    max_context: MaxContextOpt = 2048,
+    concurrency: ConcurrencyOpt = None,
+    rate: RateOpt = None,
+    rates: RatesOpt = None,
+    burst: BurstOpt = None,
+    max_concurrency: MaxConcurrencyOpt = None,
+    think_time: ThinkTimeOpt = 0.0,
+    search: SearchOpt = None,
+    slo: SloOpt = None,
+    slo_attainment: AttainmentOpt = DEFAULT_ATTAINMENT,
+    request_timeout: TimeoutOpt = 600.0,
+    ignore_eos: IgnoreEosOpt = True,
+    api_key: ApiKeyOpt = None,
+    extra_body: ExtraBodyOpt = None,
+    warmup: WarmupOpt = 2,
+    out: OutOpt = None,
+    baseline: BaselineOpt = None,
+    plots: PlotsOpt = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Start each setup in turn on the same model and cores, run the same workload, report."""
+    from pdserve.models import resolve_model
+
+    console = Console(stderr=True)
+    flags = CommonFlags(
+        workload, num_requests, input_len, output_len, seed, groups, prefix_len, turns, replay,
+        min(max_context, max_model_len), concurrency, rate, rates, burst, max_concurrency,
+        think_time, search, slo, slo_attainment, request_timeout, ignore_eos, api_key,
+        extra_body, warmup,
+    )  # fmt: skip
+    out_dir = _out_dir(out)
+    try:
+        specs = [SetupSpec.parse(s) for s in setup or ([] if attach else DEFAULT_SETUPS)]
+        specs += [SetupSpec.attach(a) for a in attach or []]
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise typer.BadParameter(f"setup labels must differ: {labels}")
+        path = resolve_model(model)
+        ctx = SetupContext(
+            model_path=path,
+            served_name=served_model_name or path.name,
+            log_dir=(log_dir or out_dir / "logs").resolve(),
+            port_base=port_base,
+            side_channel_base=side_channel_port_base,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+        )
+        plan = flags.plan(load_tokenizer(str(path)), ctx.served_name)
+        with sigterm_as_interrupt(), _progress(progress, console) as hook:
+            targets = run_compare(
+                specs, ctx, plan, startup_timeout, stop_timeout, hook, console.log
+            )
+    except PdserveError as e:
+        raise _fail(console, e) from e
+    run_flags = {
+        **flags.to_json(),
+        "model": str(path),
+        "setups": [s.label + "=" + (s.url or s.kind) for s in specs],
+        "port_base": port_base,
+        "max_model_len": max_model_len,
+        "kv_cache_gib": kv_cache_gib,
+    }
+    _finish(console, plan, targets, run_flags, out_dir, baseline, plots)
+    if all(t.error for t in targets):
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    bench_app()
