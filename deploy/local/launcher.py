@@ -208,30 +208,37 @@ class Cluster:
         """Start workers, then the router once workers are up. False if something died."""
         from rich.console import Console
 
-        console = Console(stderr=True)
         started = time.monotonic()
         for c in self.workers:
             c.start()
-        with console.status("") as status:
-            for group in (self.workers, [self.router]):
-                if group is not self.workers:
-                    self.router.start()
-                while not all(c.ready for c in group):
-                    for c in group:
-                        if c.exit_code() is not None:
-                            self._report_exit(c)
-                            return False
-                        if not c.ready and c.is_ready():
-                            c.ready = True
-                            self.say(f"{c.name} ready ({time.monotonic() - started:.0f} s)")
-                    waiting = ", ".join(c.name for c in group if not c.ready)
-                    status.update(
-                        f"loading engines: waiting for {waiting} ({time.monotonic() - started:.0f} s)"
-                    )
-                    if time.monotonic() - started > timeout_s:
-                        self.say(f"gave up after {timeout_s:.0f} s waiting for {waiting}")
-                        return False
-                    time.sleep(0.5)
+        with Console(stderr=True).status("") as status:
+            if not self._wait_ready(self.workers, started, timeout_s, status.update):
+                return False
+            self.router.start()
+            return self._wait_ready([self.router], started, timeout_s, status.update)
+
+    def _wait_ready(
+        self,
+        group: list[Component],
+        started: float,
+        timeout_s: float,
+        show: Callable[[str], None],
+    ) -> bool:
+        while not all(c.ready for c in group):
+            elapsed = time.monotonic() - started
+            for c in group:
+                if c.exit_code() is not None:
+                    self._report_exit(c)
+                    return False
+                if not c.ready and c.is_ready():
+                    c.ready = True
+                    self.say(f"{c.name} ready ({elapsed:.0f} s)")
+            waiting = ", ".join(c.name for c in group if not c.ready)
+            show(f"loading engines: waiting for {waiting} ({elapsed:.0f} s)")
+            if elapsed > timeout_s:
+                self.say(f"gave up after {timeout_s:.0f} s waiting for {waiting}")
+                return False
+            time.sleep(0.5)
         return True
 
     def supervise(self, stop_requested: Callable[[], bool]) -> int:

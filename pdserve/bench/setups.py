@@ -93,7 +93,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
+        self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,

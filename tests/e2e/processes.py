@@ -52,10 +52,8 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout_s: flo
     """Signal the process (not its group: it must stop its own children), then make sure."""
     if proc.poll() is None:
         proc.send_signal(sig)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
     code = proc.poll()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,61 @@
+"""A fake pdserve Worker (real gRPC, canned tokens) for router unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdserve.v1 import common_pb2 as cpb
+from pdserve.v1 import worker_pb2 as pb
+from pdserve.v1 import worker_pb2_grpc
+
+WORDS = ["Hello", " world", ",", " this", " is", " pdserve", "."]
+
+
+class FakeWorker(worker_pb2_grpc.WorkerServicer):
+    """Streams WORDS (one token id per word, ids 100+i); PREFILL returns a KV handle."""
+
+    def __init__(self, role: int, model_id: str, fail_with: grpc.StatusCode | None = None) -> None:
+        self.role = role
+        self.model_id = model_id
+        self.fail_with = fail_with
+        self.requests: list[pb.WorkerGenerateRequest] = []
+
+    async def Generate(
+        self, request: pb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WorkerGenerateResponse]:
+        self.requests.append(request)
+        if self.fail_with is not None:
+            await context.abort(self.fail_with, "injected failure")
+        n = len(request.prompt_token_ids)
+        if request.stage == pb.STAGE_PREFILL:
+            handle = pb.KvHandle(transport="nixl", model_id=self.model_id, num_prompt_tokens=n)
+            yield pb.WorkerGenerateResponse(kv_handle=handle, token_ids=[1])
+            return
+        count = min(request.sampling.max_tokens, len(WORDS))
+        for i in range(count):
+            msg = pb.WorkerGenerateResponse(text=WORDS[i], token_ids=[100 + i])
+            if i == count - 1:
+                finish = cpb.FINISH_REASON_LENGTH if count < len(WORDS) else cpb.FINISH_REASON_STOP
+                msg.finish_reason = finish
+                msg.usage.CopyFrom(cpb.Usage(prompt_tokens=n, completion_tokens=count))
+            yield msg
+
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerInfo:
+        return pb.WorkerInfo(worker_id=f"fake-{self.role}", role=self.role, model_id=self.model_id, max_model_len=64)  # fmt: skip
+
+    async def GetLoad(
+        self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadReport:
+        return pb.LoadReport()
+
+
+async def serve_fake(worker: FakeWorker) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
