@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pdserve.errors import InvalidRequestError, KvIncompatibleError, KvTransferError
 from pdserve.kv_transfer.base import KvTransport
 from pdserve.kv_transfer.metadata import KvLayout
 from pdserve.kv_transfer.wire import handle_from_proto
-
-from pdserve.errors import InvalidRequestError, KvIncompatibleError, KvTransferError
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.worker.sampling import to_vllm

@@ -21,9 +21,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pdserve.kv_transfer.metadata import KV_HANDLE_FORMAT_VERSION, KvLayout
-
 from pdserve.config import Role
+from pdserve.kv_transfer.metadata import KV_HANDLE_FORMAT_VERSION, KvLayout
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pdserve.kv_transfer.base import KvHandle, KvTransport
-from pdserve.kv_transfer.metadata import KvLayout
-
 from pdserve.config import Role
 from pdserve.errors import KvIncompatibleError, KvTransferError
+from pdserve.kv_transfer.base import KvHandle, KvTransport
+from pdserve.kv_transfer.metadata import KvLayout
 
 _MODELLED = {
     "remote_engine_id",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pdserve.kv_transfer.base import KvHandle
 from pdserve.kv_transfer.metadata import KvLayout
-
 from pdserve.v1 import worker_pb2 as pb
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pdserve.errors import KvTransferError
 from pdserve.kv_transfer.base import KvHandle, KvTransport
 from pdserve.kv_transfer.metadata import KvLayout
-
-from pdserve.errors import KvTransferError
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.worker.sampling import to_vllm
 

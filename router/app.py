@@ -11,6 +11,11 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import Role, RouterConfig
+from pdserve.grpc_options import SERVER_OPTIONS
+from pdserve.metrics import RouterMetrics
 from pdserve.router.api.grpc import InferenceServicer
 from pdserve.router.api.http import build_http_app
 from pdserve.router.planner import Planner
@@ -18,11 +23,6 @@ from pdserve.router.scheduling.policy import make_policy
 from pdserve.router.service import GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
-from prometheus_client import CollectorRegistry
-
-from pdserve.config import Role, RouterConfig
-from pdserve.grpc_options import SERVER_OPTIONS
-from pdserve.metrics import RouterMetrics
 from pdserve.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)

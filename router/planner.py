@@ -6,11 +6,10 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.router.scheduling.policy import Policy
-from pdserve.router.workers import WorkerClient, WorkerPool
-
 from pdserve.config import Role
 from pdserve.errors import NoCapacityError
+from pdserve.router.scheduling.policy import Policy
+from pdserve.router.workers import WorkerClient, WorkerPool
 
 
 class Mode(enum.StrEnum):

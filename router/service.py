@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from pdserve.router.planner import Mode, Plan, Planner
-from pdserve.router.workers import WorkerClient, WorkerPool
 
 from pdserve.errors import (
     ContextLengthError,
@@ -24,6 +22,8 @@ from pdserve.errors import (
     from_grpc_error,
 )
 from pdserve.metrics import RouterMetrics
+from pdserve.router.planner import Mode, Plan, Planner
+from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 

@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve.config import ClusterConfig, PoolConfig, Role
 from pdserve.deploy.local.probes import grpc_serving, http_ready
+from pdserve.errors import ConfigError
 from pdserve.kv_transfer.metadata import KvLayout
 from pdserve.kv_transfer.nixl import transport_for
-
-from pdserve.config import ClusterConfig, PoolConfig, Role
-from pdserve.errors import ConfigError
 from pdserve.models import resolve_model
 
 # Room for a worker's NIXL side-channel ports (one per data-parallel rank).

@@ -271,12 +271,16 @@ def compare(
             kv_cache_gib=kv_cache_gib,
         )
         plan = flags.plan(load_tokenizer(str(path)), ctx.served_name)
-        with sigterm_as_interrupt(), _progress(progress, console) as hook:
-            targets = run_compare(
-                specs, ctx, plan, startup_timeout, stop_timeout, hook, console.log
-            )
     except PdserveError as e:
         raise _fail(console, e) from e
+    targets: list[TargetResult] = []
+    interrupted = False
+    try:
+        with sigterm_as_interrupt(), _progress(progress, console) as hook:
+            run_compare(specs, ctx, plan, startup_timeout, stop_timeout, hook, console.log, targets)
+    except KeyboardInterrupt:
+        interrupted = True  # the setups are stopped; keep what was measured
+        console.print("[yellow]interrupted: writing a partial report[/yellow]")
     run_flags = {
         **flags.to_json(),
         "model": str(path),
@@ -285,7 +289,12 @@ def compare(
         "max_model_len": max_model_len,
         "kv_cache_gib": kv_cache_gib,
     }
+    if interrupted:
+        run_flags["interrupted"] = True
+        targets = [t for t in targets if t.phases or t.error]
     _finish(console, plan, targets, run_flags, out_dir, baseline, plots)
+    if interrupted:
+        raise typer.Exit(130)
     if all(t.error for t in targets):
         raise typer.Exit(1)
 

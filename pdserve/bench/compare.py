@@ -24,14 +24,23 @@ def run_compare(
     stop_timeout_s: float = 30.0,
     on_phase: PhaseHook | None = None,
     on_status: StatusHook | None = None,
+    targets: list[TargetResult] | None = None,
 ) -> list[TargetResult]:
     """Start each setup (or attach), run ``plan`` on it, stop it; a failed setup is
     recorded in its result and the next one still runs. Only one setup runs at a time,
-    so they get the same cores."""
+    so they get the same cores. Results are appended to ``targets`` as they finish, so
+    a caller interrupted half-way still holds what was measured."""
     status = on_status or (lambda _msg: None)
-    targets: list[TargetResult] = []
+    targets = [] if targets is None else targets
     for index, spec in enumerate(specs):
-        setup = build_setup(spec, ctx, index)
+        try:
+            setup = build_setup(spec, ctx, index)
+        except PdserveError as e:
+            targets.append(
+                TargetResult(spec.label, spec.url or "", ctx.served_name, error=e.message)
+            )
+            status(f"{spec.label}: cannot set up: {e.message}")
+            continue
         target = TargetResult(spec.label, setup.url, ctx.served_name, setup=setup.describe())
         targets.append(target)
         try:

@@ -125,6 +125,10 @@ class ManagedProcess:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -171,9 +175,15 @@ class Setup:
             wait_ready(self.url, model, deadline, every, probe=True)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        for stage in reversed(self.stages):
-            for process in reversed(stage):
+        """Stop the last stage first (the router before its workers)."""
+        every = [p for stage in self.stages for p in stage]
+        try:
+            for process in reversed(every):
                 process.stop(timeout_s)
+        except KeyboardInterrupt:
+            for process in every:  # a second Ctrl-C: no more patience, but no orphans
+                process.kill()
+            raise
 
 
 def wait_ready(

@@ -7,10 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from pdserve.router.service import GenerateCall, GenerationService
-from pdserve.router.tokenize import PromptTokenizer
 
 from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.router.service import GenerateCall, GenerationService
+from pdserve.router.tokenize import PromptTokenizer
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import inference_pb2 as pb
 from pdserve.v1 import inference_pb2_grpc

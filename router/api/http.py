@@ -11,12 +11,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pdserve.router.api.openai_schema import ChatCompletionRequest, CompletionRequest
-from pdserve.router.service import Delta, GenerateCall, GenerationService
-from pdserve.router.tokenize import PromptTokenizer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.router.api.openai_schema import ChatCompletionRequest, CompletionRequest
+from pdserve.router.service import Delta, GenerateCall, GenerationService
+from pdserve.router.tokenize import PromptTokenizer
 from pdserve.v1 import common_pb2 as cpb
 
 REQUEST_ID_HEADER = "x-request-id"

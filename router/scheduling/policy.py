@@ -10,9 +10,8 @@ import abc
 import itertools
 from collections.abc import Sequence
 
-from pdserve.router.workers import WorkerClient
-
 from pdserve.errors import ConfigError
+from pdserve.router.workers import WorkerClient
 
 
 class Policy(abc.ABC):

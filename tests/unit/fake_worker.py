@@ -45,7 +45,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfo:
-        return pb.WorkerInfo(worker_id=f"fake-{self.role}", role=self.role, model_id=self.model_id, max_model_len=64)  # fmt: skip
+        return pb.WorkerInfo(
+            worker_id=f"fake-{self.role}", role=self.role, model_id=self.model_id, max_model_len=64
+        )
 
     async def GetLoad(
         self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext

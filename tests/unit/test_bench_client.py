@@ -75,6 +75,8 @@ class FakeOpenAI:
             body = json.loads(await reader.readexactly(length)) if length else {}
             if path == "/v1/models":
                 await self._send_json(writer, 200, {"data": [{"id": "fake-model"}]})
+            elif path != "/v1/completions":
+                await self._send_json(writer, 404, {"error": {"message": "no such route"}})
             else:
                 self._in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self._in_flight)
@@ -260,3 +262,25 @@ def test_serve_cli_writes_a_report(fake: FakeOpenAI, tmp_path: Path) -> None:
     assert "Ratios vs `a`" in md and "## Goodput" in md
     for png in ("latency_cdf_rate_50.png", "latency_cdf_rate_100.png", "goodput_vs_rate.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_attaches_to_running_endpoints(fake: FakeOpenAI, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        "compare", "--model", "tiny", "--attach", f"one={fake.url}", "--attach",
+        f"two={fake.url}", "-n", "5", "--workload", "shared-prefix", "--groups", "2",
+        "--prefix-len", "20", "--input-len", "4", "--output-len", "3", "--burst", "5:0",
+        "--baseline", "two", "--out", str(out), "--no-progress", "--no-plots",
+    ]  # fmt: skip
+    result = CliRunner().invoke(bench_app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["baseline"] == "two"
+    assert [t["name"] for t in data["targets"]] == ["one", "two"]
+    for target in data["targets"]:
+        assert target["error"] is None and target["setup"]["kind"] == "attach"
+        (phase,) = target["phases"]
+        assert phase["arrival"]["label"] == "burst=5/0s"
+        assert [r["prompt_tokens"] for r in phase["requests"]] == [24] * 5
+    assert "Ratios vs `two`" in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))

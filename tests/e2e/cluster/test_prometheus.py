@@ -1,0 +1,137 @@
+"""A real Prometheus scrapes the running cluster: the numbers it stores agree with what the
+client measured, and every metric the dashboard and alerts query is really exported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from openai import OpenAI
+
+from tests.e2e import processes
+from tests.e2e.conftest import Cluster
+from tests.e2e.prompts import COMPLETION_CASES, SERVED_NAME
+from tests.unit.test_dashboards import alert_rules, dashboard_queries, metric_names
+
+pytestmark = pytest.mark.e2e
+PROMETHEUS_PORT = 28990
+# Series that exist only after a fault or on other deployments (Kubernetes `up` relabels,
+# failure counters): the dashboard shows them when they appear.
+NOT_YET_EXPORTED_OK = {"up"}
+
+
+def _query(expr: str) -> float:
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode(
+        {"query": expr}
+    )
+    with urllib.request.urlopen(url, timeout=10) as r:
+        result = json.load(r)["data"]["result"]
+    return sum(float(s["value"][1]) for s in result)
+
+
+def _names() -> set[str]:
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/label/__name__/values"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return set(json.load(r)["data"])
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus server is not installed (Debian package prometheus)")
+    work = tmp_path_factory.mktemp("prometheus")
+    router = cluster.http.removeprefix("http://")
+    workers = [f"127.0.0.1:{port}" for port in cluster.metrics_ports.values()]
+    config = work / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "router", "static_configs": [{"targets": [router]}]},
+                    {"job_name": "workers", "static_configs": [{"targets": workers}]},
+                ],
+            }
+        )
+    )
+    argv = [
+        binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+    ]  # fmt: skip
+    log = work / "prometheus.log"
+    proc = processes.start(argv, log)
+    try:
+        processes.wait_http_ok(f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready", proc, log, 60)
+        deadline = time.monotonic() + 30
+        while _query("sum(up)") < 1 + len(workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _query("sum(up)") == 1 + len(workers), processes.tail(log)
+        yield
+    finally:
+        processes.stop(proc, timeout_s=10)
+
+
+def _settled(expr: str, target: float, timeout_s: float = 20) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = _query(expr)
+    while value < target and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = _query(expr)
+    return value
+
+
+def test_prometheus_agrees_with_the_client(cluster: Cluster, prometheus: None) -> None:
+    ttft_count = "sum(pdserve_router_time_to_first_token_seconds_count)"
+    ttft_sum = "sum(pdserve_router_time_to_first_token_seconds_sum)"
+    produced = 'sum(pdserve_worker_kv_handles_total{direction="produced"})'
+    transfers = "sum(vllm:nixl_xfer_time_seconds_count)"
+    time.sleep(2)  # a scrape after the previous tests' last request
+    before = {q: _query(q) for q in (ttft_count, ttft_sum, produced, transfers)}
+
+    client = OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0)
+    client_ttfts = []
+    requests = 6
+    for i in range(requests):
+        prompt, _ = COMPLETION_CASES[8 + i]
+        started = time.monotonic()
+        stream = client.completions.create(
+            model=SERVED_NAME, prompt=f"load {i} {prompt}", max_tokens=8, temperature=0, stream=True
+        )
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.monotonic() - started
+        assert first is not None
+        client_ttfts.append(first)
+
+    count = _settled(ttft_count, before[ttft_count] + requests) - before[ttft_count]
+    assert count == requests
+    router_ttft = _query(ttft_sum) - before[ttft_sum]
+    # The router's clock starts after the client's and stops before the client sees the
+    # token: it may be smaller, never larger, and not by much on loopback.
+    assert router_ttft <= sum(client_ttfts) + 0.05
+    assert router_ttft >= 0.5 * sum(client_ttfts), (router_ttft, client_ttfts)
+    assert _settled(produced, before[produced] + requests) - before[produced] == requests
+    assert _settled(transfers, before[transfers] + requests) - before[transfers] >= requests
+
+
+def test_every_queried_metric_is_exported(cluster: Cluster, prometheus: None) -> None:
+    exported = _names()
+    queried: set[str] = set()
+    for expr in dashboard_queries():
+        queried |= metric_names(expr)
+    for rule in alert_rules():
+        queried |= metric_names(str(rule["expr"]))
+    # Failure counters appear on first failure; all other series must be live here.
+    missing = {
+        name
+        for name in queried - exported - NOT_YET_EXPORTED_OK
+        if not name.endswith(("_failures_total", "_incompatible_total"))
+    }
+    assert not missing, f"queried but not exported by a running cluster: {sorted(missing)}"
