@@ -131,6 +131,7 @@ class StreamingClient:
             timeout=httpx.Timeout(options.timeout_s, connect=min(options.timeout_s, 30.0)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
             headers=headers,
+            trust_env=False,  # a proxy from the environment would distort every timing
         )
 
     async def aclose(self) -> None:

@@ -29,6 +29,12 @@ def _samples(phase: PhaseResult, key: str) -> list[float]:
     return [r.e2e_s * 1000 for r in ok]
 
 
+def _wide(values: Sequence[float]) -> bool:
+    """Whether values span more than two decades: then only a log axis shows them all."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > 100
+
+
 def write_plots(
     targets: Sequence[TargetResult], out_dir: Path, attainment: float = 0.9
 ) -> list[Path]:
@@ -59,17 +65,24 @@ def _cdf_figure(targets: Sequence[TargetResult], label: str, path: Path) -> None
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
     for ax, (title, key) in zip(axes.flat, _CDF_PANELS, strict=True):
+        seen: list[float] = []
         for index, target in enumerate(targets):
             for phase in target.phases:
                 if phase.arrival.label != label:
                     continue
                 values = sorted(_samples(phase, key))
+                # Per request, the denominator is every request sent: a failed request
+                # never arrives, so a setup with failures tops out below 1.
+                total = len(values) if key == "itl" else len(phase.results)
                 if values:
-                    ys = [(i + 1) / len(values) for i in range(len(values))]
+                    ys = [(i + 1) / total for i in range(len(values))]
                     ax.step(values, ys, where="post", label=target.name, color=f"C{index}")
+                    seen += values
+        if _wide(seen):
+            ax.set_xscale("log")
         ax.set_title(f"{title} CDF")
         ax.set_xlabel("ms")
-        ax.set_ylabel("fraction of requests" if key != "itl" else "fraction of tokens")
+        ax.set_ylabel("fraction of requests sent" if key != "itl" else "fraction of gaps")
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -85,6 +98,7 @@ def _rate_figure(targets: Sequence[TargetResult], path: Path, attainment: float)
     fig = Figure(figsize=(14, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax_slo, ax_tput, ax_ttft = fig.subplots(1, 3)
+    ttft_p90s: list[float] = []
     for index, target in enumerate(targets):
         color = f"C{index}"  # one colour per target across the panels
         phases = sorted(
@@ -109,6 +123,9 @@ def _rate_figure(targets: Sequence[TargetResult], path: Path, attainment: float)
             )  # fmt: skip
         p90 = [p.metrics.ttft_s.p90 * 1000 if p.metrics.ttft_s else float("nan") for p in phases]
         ax_ttft.plot(rates, p90, marker="o", label=target.name, color=color)
+        ttft_p90s += [v for v in p90 if v == v]  # drop NaN
+    if _wide(ttft_p90s):
+        ax_ttft.set_yscale("log")
     ax_slo.axhline(100 * attainment, color="grey", linestyle=":", label=f"{attainment:.0%}")
     ax_slo.set_title("SLO attainment vs offered rate")
     ax_slo.set_ylabel("% of requests meeting the SLO")

@@ -92,7 +92,7 @@ async def served_model(url: str, timeout_s: float = 10.0) -> str:
     """The first model id ``GET /v1/models`` lists."""
     base = url.rstrip("/").removesuffix("/v1")
     try:
-        async with httpx.AsyncClient(timeout=timeout_s) as http:
+        async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as http:
             resp = await http.get(base + "/v1/models")
             resp.raise_for_status()
             return str(resp.json()["data"][0]["id"])

@@ -196,7 +196,7 @@ def wait_ready(
     """Poll ``/v1/models`` (and ``/ready`` where it exists; and one tiny completion if
     ``probe``) until they answer, a watched process dies, or the deadline passes."""
     last = "no answer yet"
-    with httpx.Client(timeout=30.0) as http:
+    with httpx.Client(timeout=30.0, trust_env=False) as http:
         while time.monotonic() < deadline:
             for process in watch:
                 if not process.alive():

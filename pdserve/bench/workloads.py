@@ -253,8 +253,10 @@ def _independent(spec: WorkloadSpec, builder: PromptBuilder, rng: random.Random)
 
 def _shared_prefix(spec: WorkloadSpec, builder: PromptBuilder, rng: random.Random) -> list[Chain]:
     """G long system prompts; each request is one of them plus a user question."""
-    if spec.groups < 1 or spec.prefix_len < 1:
-        raise ConfigError("shared-prefix needs --groups >= 1 and --prefix-len >= 1")
+    if spec.groups < 1 or not 1 <= spec.prefix_len <= spec.max_context - 2:
+        raise ConfigError(
+            "shared-prefix needs --groups >= 1 and 1 <= --prefix-len <= --max-context - 2"
+        )
     in_dist, out_dist = spec.lengths()
     prefixes = [builder.text(spec.prefix_len, rng) for _ in range(spec.groups)]
     chains: list[Chain] = []

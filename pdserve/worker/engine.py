@@ -10,6 +10,7 @@ from typing import Any
 from pdserve.config import WorkerConfig
 from pdserve.kv_transfer.base import KvTransport
 from pdserve.kv_transfer.metadata import KvLayout
+from pdserve.kv_transfer.vllm_patches import ENABLE_ENV as VLLM_PATCHES_ENV
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LoadSnapshot:
 def engine_environment(config: WorkerConfig) -> dict[str, str]:
     """Environment variables vLLM reads at start-up for this worker."""
     env = {
+        VLLM_PATCHES_ENV: "1",
         "VLLM_CPU_KVCACHE_SPACE": str(config.engine.kv_cache_space_gib),
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(config.kv_port),
         "VLLM_NIXL_SIDE_CHANNEL_HOST": config.host,
