@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -11,7 +12,16 @@ from typing import Annotated
 
 import typer
 
-from pdserve.config import ClusterConfig, EngineConfig, PoolConfig, Role, RouterConfig, WorkerConfig
+from pdserve.config import (
+    ClusterConfig,
+    DiscoveryConfig,
+    DiscoveryMode,
+    EngineConfig,
+    PoolConfig,
+    Role,
+    RouterConfig,
+    WorkerConfig,
+)
 from pdserve.errors import ConfigError
 
 app = typer.Typer(
@@ -138,6 +148,30 @@ def worker(
     asyncio.run(serve(config))
 
 
+def _discovery_config(mode: DiscoveryMode | None, config_file: Path | None) -> DiscoveryConfig:
+    """The ``discovery`` section of the router's config file; ``--discovery`` wins over
+    its ``mode``."""
+    import yaml
+
+    section: object = {}
+    if config_file is not None:
+        try:
+            doc = yaml.safe_load(config_file.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            message = f"cannot read {config_file}: {e}"
+            raise typer.BadParameter(message, param_hint="--config") from e
+        if doc is not None and not isinstance(doc, dict):
+            raise typer.BadParameter("must be a YAML mapping", param_hint="--config")
+        section = (doc or {}).get("discovery") or {}
+    if not isinstance(section, dict):
+        raise typer.BadParameter("its discovery section must be a mapping", param_hint="--config")
+    try:
+        parsed = DiscoveryConfig.from_dict(section)
+        return parsed if mode is None else dataclasses.replace(parsed, mode=mode)
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint="--config") from e
+
+
 @app.command()
 def router(
     model: Annotated[
@@ -153,6 +187,17 @@ def router(
     both: Annotated[
         list[str] | None, typer.Option(help="colocated worker host:port (repeat)")
     ] = None,
+    discovery: Annotated[
+        DiscoveryMode | None,
+        typer.Option(
+            help="static: the --prefill/--decode/--both list; kubernetes: watch pods "
+            "(selectors from --config). Default: the config file's mode, else static"
+        ),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="router.yaml: its discovery section (Helm ConfigMap)"),
+    ] = None,
     http_host: str = "127.0.0.1",
     http_port: int = 8000,
     grpc_host: str = "127.0.0.1",
@@ -164,6 +209,12 @@ def router(
     from pdserve.router.app import serve
 
     _setup_logging(log_level)
+    discovery_config = _discovery_config(discovery, config_file)
+    if discovery_config.mode is DiscoveryMode.KUBERNETES:
+        if prefill or decode or both:
+            raise typer.BadParameter("--prefill/--decode/--both are for --discovery=static")
+    elif not (both or (prefill and decode)):
+        raise typer.BadParameter("give --both workers, or --prefill and --decode workers")
     path = resolve_model(model)
     config = RouterConfig(
         model_path=str(path),
@@ -175,9 +226,8 @@ def router(
         http_port=http_port,
         grpc_host=grpc_host,
         grpc_port=grpc_port,
+        discovery=discovery_config,
     )
-    if not (config.both_workers or (config.prefill_workers and config.decode_workers)):
-        raise typer.BadParameter("give --both workers, or --prefill and --decode workers")
     asyncio.run(serve(config))
 
 
@@ -189,6 +239,15 @@ def prepare_model(
     from pdserve.models import resolve_model
 
     typer.echo(resolve_model(model))
+
+
+def _register_subcommands() -> None:
+    from pdserve.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.errors import ConfigError
 
 
 class Role(enum.StrEnum):
@@ -57,6 +61,74 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
 
 
+class DiscoveryMode(enum.StrEnum):
+    STATIC = "static"
+    KUBERNETES = "kubernetes"
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How the router finds its workers: the ``discovery`` section of router.yaml.
+
+    ``static``: the addresses on the command line (RouterConfig.*_workers).
+    ``kubernetes``: the ready pods in ``namespace`` matching ``selectors[role]``, reached
+    at podIP:worker_port.
+    """
+
+    mode: DiscoveryMode = DiscoveryMode.STATIC
+    # Empty: the namespace the router pod runs in.
+    namespace: str = ""
+    worker_port: int = 50100
+    # Kubernetes label selector per role, e.g. "app.kubernetes.io/instance=x,pdserve.io/role=y".
+    selectors: Mapping[Role, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.worker_port < 65536:
+            raise ConfigError(f"discovery.workerPort {self.worker_port} is not a TCP port")
+        roles = set(self.selectors)
+        if self.mode is DiscoveryMode.KUBERNETES and not (
+            Role.BOTH in roles or {Role.PREFILL, Role.DECODE} <= roles
+        ):
+            raise ConfigError(
+                "kubernetes discovery needs discovery.pools with a labelSelector for "
+                "prefill and decode (or both)"
+            )
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> DiscoveryConfig:
+        """Parse router.yaml's ``discovery`` section, with the Helm chart's key names:
+        ``mode``, ``namespace``, ``workerPort``, ``pools: {ROLE: {labelSelector: ...}}``."""
+        unknown = set(section) - {"mode", "namespace", "workerPort", "pools"}
+        if unknown:
+            raise ConfigError(f"discovery: unknown keys {sorted(unknown)}")
+        try:
+            mode = DiscoveryMode(section.get("mode", DiscoveryMode.STATIC))
+        except ValueError as e:
+            raise ConfigError(f"discovery.mode: {e}; use static or kubernetes") from e
+        namespace = section.get("namespace") or ""
+        port = section.get("workerPort", cls.worker_port)
+        pools = section.get("pools") or {}
+        if not isinstance(namespace, str):
+            raise ConfigError("discovery.namespace must be a string")
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise ConfigError("discovery.workerPort must be an integer")
+        if not isinstance(pools, Mapping):
+            raise ConfigError("discovery.pools must map a role to {labelSelector: ...}")
+        selectors: dict[Role, str] = {}
+        for name, pool in pools.items():
+            try:
+                role = Role(name)
+            except ValueError as e:
+                raise ConfigError(f"discovery.pools: {e}; use prefill, decode, both") from e
+            if not isinstance(pool, Mapping) or set(pool) != {"labelSelector"}:
+                raise ConfigError(f"discovery.pools.{name} needs labelSelector and nothing else")
+            selector = pool["labelSelector"]
+            if not isinstance(selector, str) or not selector.strip():
+                raise ConfigError(f"discovery.pools.{name}.labelSelector must be a string")
+            selectors[role] = selector
+        return cls(mode, namespace, port, selectors)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     model_path: str
@@ -73,6 +145,7 @@ class RouterConfig:
     # Deadline for one worker call that should answer quickly (info, load, abort).
     worker_rpc_timeout_s: float = 5.0
     max_body_bytes: int = 4 * 1024 * 1024
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
 
 @dataclass(frozen=True)

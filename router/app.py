@@ -13,11 +13,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from pdserve.config import Role, RouterConfig
+from pdserve.config import DiscoveryMode, Role, RouterConfig
 from pdserve.grpc_options import SERVER_OPTIONS
 from pdserve.metrics import RouterMetrics
 from pdserve.router.api.grpc import InferenceServicer
 from pdserve.router.api.http import build_http_app
+from pdserve.router.discovery.base import Discovery
+from pdserve.router.discovery.static import StaticDiscovery
 from pdserve.router.planner import Planner
 from pdserve.router.scheduling.policy import make_policy
 from pdserve.router.service import GenerationService
@@ -51,14 +53,27 @@ async def _watch_health(
         await asyncio.sleep(pool.poll_interval_s)
 
 
+def _discovery(config: RouterConfig) -> Discovery:
+    if config.discovery.mode is DiscoveryMode.KUBERNETES:
+        # Imported here: the kubernetes client is needed only in this mode.
+        from pdserve.router.discovery.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery(config.discovery)
+    return StaticDiscovery(
+        {
+            Role.PREFILL: config.prefill_workers,
+            Role.DECODE: config.decode_workers,
+            Role.BOTH: config.both_workers,
+        }
+    )
+
+
 async def serve(config: RouterConfig) -> None:
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry)
     tokenizer = PromptTokenizer(config.model_path)
     pool = WorkerPool(config.served_model_name, config.worker_rpc_timeout_s, config.poll_interval_s)
-    pool.add(config.prefill_workers, Role.PREFILL)
-    pool.add(config.decode_workers, Role.DECODE)
-    pool.add(config.both_workers, Role.BOTH)
+    discovery = _discovery(config)
     planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
     service = GenerationService(
         config.served_model_name, pool, planner, metrics, DEFAULT_MAX_MODEL_LEN
@@ -89,6 +104,8 @@ async def serve(config: RouterConfig) -> None:
     # We own signal handling: stop both servers together.
     http.install_signal_handlers = lambda: None
 
+    discovery_task = asyncio.create_task(discovery.run(pool))
+    await asyncio.sleep(0)  # a static list is in the pool after one step: poll it at once
     await pool.poll_once()
     pool.start()
     await grpc_server.start()
@@ -108,13 +125,21 @@ async def serve(config: RouterConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     done, _ = await asyncio.wait(
-        [asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED
+        [asyncio.create_task(stop.wait()), http_task, discovery_task],
+        return_when=asyncio.FIRST_COMPLETED,
     )
     if http_task in done and http_task.exception() is not None:
         raise RuntimeError(f"HTTP server failed: {http_task.exception()}")
+    # Discovery only ends on an error retrying cannot fix (e.g. no credentials).
+    discovery_error = discovery_task.exception() if discovery_task in done else None
+    if discovery_error is not None:
+        log.error("worker discovery failed, stopping: %s", discovery_error)
     # In-flight streams finish: uvicorn waits for open responses, gRPC gets a grace period.
     http.should_exit = True
     await asyncio.gather(http_task, grpc_server.stop(grace=10.0), return_exceptions=True)
     watcher.cancel()
+    discovery_task.cancel()
     await pool.close()
+    if discovery_error is not None:
+        raise RuntimeError(f"worker discovery failed: {discovery_error}") from discovery_error
     log.info("router stopped")

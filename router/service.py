@@ -6,6 +6,7 @@ HTTP and gRPC front ends translate their requests into a ``GenerateCall`` and st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from pdserve.errors import (
     KvTransferError,
     ModelNotFoundError,
     NoCapacityError,
+    WorkerError,
     from_grpc_error,
 )
 from pdserve.metrics import RouterMetrics
@@ -28,6 +30,9 @@ from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# Routing-decision label for requests that fell back from disaggregated to colocated.
+FALLBACK_COLOCATED = "fallback_colocated"
 
 _FINISH_NAMES = {
     cpb.FINISH_REASON_STOP: "stop",
@@ -108,29 +113,53 @@ class GenerationService:
         for w in workers:
             w.in_flight += 1
         try:
-            request = pb.WorkerGenerateRequest(
-                request_id=call.request_id,
-                prompt_token_ids=call.prompt_token_ids,
-                sampling=call.sampling,
-                stage=pb.STAGE_FULL,
-            )
             if plan.mode is Mode.DISAGGREGATED:
-                assert plan.prefill is not None
-                request.kv_handle.CopyFrom(await self._prefill(plan.prefill, call))
-                request.stage = pb.STAGE_DECODE
+                streamed = False
+                try:
+                    async for delta in self._disaggregated(plan, call):
+                        streamed = True
+                        yield delta
+                    return
+                except (KvTransferError, NoCapacityError, WorkerError) as e:
+                    if streamed:
+                        raise
+                    # Nothing reached the client yet: the decode worker can still serve
+                    # the request alone, recomputing the prompt instead of pulling it.
+                    log.warning(
+                        "request %s: disaggregated path failed before the first token (%s); "
+                        "retrying colocated on %s",
+                        call.request_id,
+                        e.message,
+                        plan.decode.name,
+                    )
+                    self.metrics.routing.labels(FALLBACK_COLOCATED).inc()
+                    plan = Plan(Mode.COLOCATED, decode=plan.decode)
+                    call = dataclasses.replace(call, request_id=call.request_id + "-colocated")
+            request = self._worker_request(call, pb.STAGE_FULL)
             async for delta in self._stream(plan, request, call):
                 yield delta
         finally:
             for w in workers:
                 w.in_flight -= 1
 
-    async def _prefill(self, worker: WorkerClient, call: GenerateCall) -> pb.KvHandle:
-        request = pb.WorkerGenerateRequest(
+    async def _disaggregated(self, plan: Plan, call: GenerateCall) -> AsyncIterator[Delta]:
+        assert plan.prefill is not None
+        request = self._worker_request(call, pb.STAGE_DECODE)
+        request.kv_handle.CopyFrom(await self._prefill(plan.prefill, call))
+        async for delta in self._stream(plan, request, call):
+            yield delta
+
+    @staticmethod
+    def _worker_request(call: GenerateCall, stage: pb.Stage) -> pb.WorkerGenerateRequest:
+        return pb.WorkerGenerateRequest(
             request_id=call.request_id,
             prompt_token_ids=call.prompt_token_ids,
             sampling=call.sampling,
-            stage=pb.STAGE_PREFILL,
+            stage=stage,
         )
+
+    async def _prefill(self, worker: WorkerClient, call: GenerateCall) -> pb.KvHandle:
+        request = self._worker_request(call, pb.STAGE_PREFILL)
         handle: pb.KvHandle | None = None
         async for msg in self._worker_stream(worker, request):
             if msg.HasField("kv_handle"):

@@ -15,6 +15,9 @@ from pdserve.v1 import worker_pb2 as pb
 from pdserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+# How long a removed worker's requests may run on before its channel closes: a leaving
+# pod drains for up to 30 s (WorkerConfig.drain_timeout_s).
+REMOVED_CHANNEL_GRACE_S = 30.0
 
 _ROLE_FROM_PROTO = {
     pb.ROLE_PREFILL: Role.PREFILL,
@@ -65,10 +68,26 @@ class WorkerPool:
         self.poll_interval_s = poll_interval_s
         self.workers: list[WorkerClient] = []
         self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     def add(self, addresses: Iterable[str], role: Role) -> None:
         for address in addresses:
             self.workers.append(WorkerClient.connect(address, role))
+
+    def remove(self, address: str, role: Role | None = None) -> None:
+        """Stop routing to the worker at ``address`` (of ``role``, if given) now and close
+        its channel; requests already running there get REMOVED_CHANNEL_GRACE_S to finish."""
+
+        def leaves(w: WorkerClient) -> bool:
+            return w.address == address and role in (None, w.role)
+
+        leaving = [w for w in self.workers if leaves(w)]
+        self.workers[:] = [w for w in self.workers if not leaves(w)]
+        for worker in leaving:
+            worker.healthy = False
+            task = asyncio.create_task(worker.channel.close(grace=REMOVED_CHANNEL_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def healthy(self, *roles: Role) -> list[WorkerClient]:
         return [w for w in self.workers if w.healthy and w.role in roles]

@@ -202,11 +202,35 @@ def test_command_lines_parse_with_the_pdserve_cli(profile: str) -> None:
         if workload["kind"] not in WORKLOAD_KINDS:
             continue
         args = [a.replace("$(POD_IP)", "10.0.0.7") for a in container(workload)["args"]]
-        if "--discovery=kubernetes" in args:
-            continue  # the router's Kubernetes discovery flags are not implemented yet
         params = commands[args[0]].make_context(args[0], args[1:]).params
         if args[0] == "worker":
             assert params["host"] == "10.0.0.7"
+        elif params["discovery"] == "kubernetes":
+            mounts = {m["name"]: m["mountPath"] for m in container(workload)["volumeMounts"]}
+            assert str(params["config_file"]) == mounts["config"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_router_config_parses_into_discovery_config(profile: str, tmp_path: Path) -> None:
+    """router.yaml from the ConfigMap reads as the router reads its --config file, and
+    names the namespace, port and pods of each pool."""
+    from pdserve.cli import _discovery_config
+    from pdserve.config import DiscoveryMode, Role
+
+    path = tmp_path / "router.yaml"
+    path.write_text(one(profile, "ConfigMap", "-router")["data"]["router.yaml"])
+    config = _discovery_config(None, path)
+    router_flags = flags(container(one(profile, "Deployment", "-router")))
+    assert config.mode == router_flags.get("--discovery", [DiscoveryMode.STATIC])[0]
+    assert config.namespace == NAMESPACE and set(config.selectors) == {Role.PREFILL, Role.DECODE}
+    workloads = [w for w in manifests(profile) if w["kind"] in WORKLOAD_KINDS]
+    for role, selector in config.selectors.items():
+        wanted = dict(term.split("=") for term in selector.split(","))
+        (chosen,) = [
+            w for w in workloads if selects(wanted, w["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert chosen["metadata"]["name"].endswith(f"-{role}")
+        assert config.worker_port == int(flags(container(chosen))["--port"][0])
 
 
 def test_static_discovery_names_every_worker_pod() -> None:

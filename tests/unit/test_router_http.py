@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -141,12 +142,12 @@ async def test_body_size_limit_and_bad_json(setup: Setup) -> None:
 
 
 async def test_worker_errors_map_to_status_codes(setup: Setup) -> None:
-    setup.decode.fail_with = pytest.importorskip("grpc").StatusCode.FAILED_PRECONDITION
+    setup.decode.fail_with = grpc.StatusCode.FAILED_PRECONDITION
     r = await setup.client.post(
         "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
     )
     assert r.status_code == 500 and r.json()["error"]["type"] == "kv_incompatible"
-    setup.decode.fail_with = pytest.importorskip("grpc").StatusCode.INTERNAL
+    setup.decode.fail_with = grpc.StatusCode.INTERNAL
     r = await setup.client.post(
         "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
     )
@@ -167,3 +168,17 @@ async def test_readiness_follows_the_pool(setup: Setup) -> None:
 async def test_models(setup: Setup) -> None:
     data = (await setup.client.get("/v1/models")).json()["data"]
     assert [m["id"] for m in data] == [MODEL] and data[0]["max_model_len"] == 64
+
+
+async def test_failed_prefill_falls_back_to_colocated(setup: Setup) -> None:
+    """Nothing was streamed yet, so the decode worker serves the request alone."""
+    setup.prefill.fail_with = grpc.StatusCode.UNAVAILABLE
+    r = await setup.client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "".join(WORDS[:2])
+    assert [req.stage for req in setup.decode.requests] == [pb.STAGE_FULL]
+    assert setup.decode.requests[0].request_id.endswith("-colocated")
+    metrics = (await setup.client.get("/metrics")).text
+    assert 'pdserve_router_routing_decisions_total{mode="fallback_colocated"} 1.0' in metrics
