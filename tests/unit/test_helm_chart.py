@@ -274,7 +274,7 @@ def test_autoscaled_pools_use_kubernetes_discovery() -> None:
     assert router["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     (role,) = manifests(profile, "Role")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}
     ]
     (binding,) = manifests(profile, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]

@@ -15,7 +15,7 @@
 - --model={{ .Values.model.path }}
 - --served-model-name={{ include "pdserve.servedModelName" . }}
 {{- if include "pdserve.kubernetesDiscovery" . }}
-{{- /* Proposed contract for the router's Kubernetes discovery: it reads the
+{{- /* Contract for the router's Kubernetes discovery: it reads the
        discovery section of router.yaml (namespace, label selectors, port). */}}
 - --discovery=kubernetes
 - --config=/etc/pdserve/router.yaml
