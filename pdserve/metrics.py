@@ -6,7 +6,17 @@ Metric objects are created per process on a registry that is passed in (no globa
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 # Latency buckets for LLM serving: TTFT spans milliseconds (cache hits) to tens of seconds
 # (long prompts on CPUs); ITL spans a few milliseconds to about a second.
@@ -123,3 +133,32 @@ class WorkerMetrics:
             ["role"],
             registry=registry,
         )
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> ThreadingHTTPServer:
+    """Serve ``registry`` at /metrics in the Prometheus text format, from a daemon thread.
+
+    Always the text format: prometheus_client's own server switches to OpenMetrics when a
+    scraper asks for it, and its OpenMetrics output renames vLLM's ``vllm:*`` metrics to
+    ``vllm_*``, which would break every dashboard query written against vLLM's names.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes every few seconds would flood the worker log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

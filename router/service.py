@@ -24,6 +24,7 @@ from pdserve.errors import (
     from_grpc_error,
 )
 from pdserve.metrics import RouterMetrics
+from pdserve.router.first_transfer import FirstTransferGate
 from pdserve.router.planner import Mode, Plan, Planner
 from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.v1 import common_pb2 as cpb
@@ -71,6 +72,7 @@ class GenerationService:
         self.planner = planner
         self.metrics = metrics
         self.default_max_model_len = default_max_model_len
+        self.first_transfers = FirstTransferGate()
 
     @property
     def max_model_len(self) -> int:
@@ -144,10 +146,19 @@ class GenerationService:
 
     async def _disaggregated(self, plan: Plan, call: GenerateCall) -> AsyncIterator[Delta]:
         assert plan.prefill is not None
-        request = self._worker_request(call, pb.STAGE_DECODE)
-        request.kv_handle.CopyFrom(await self._prefill(plan.prefill, call))
-        async for delta in self._stream(plan, request, call):
-            yield delta
+        pair = (plan.prefill.address, plan.decode.address)
+        opener = await self.first_transfers.enter(pair)
+        try:
+            request = self._worker_request(call, pb.STAGE_DECODE)
+            request.kv_handle.CopyFrom(await self._prefill(plan.prefill, call))
+            async for delta in self._stream(plan, request, call):
+                if opener:
+                    self.first_transfers.done(pair, ok=True)
+                    opener = False
+                yield delta
+        finally:
+            if opener:
+                self.first_transfers.done(pair, ok=False)
 
     @staticmethod
     def _worker_request(call: GenerateCall, stage: pb.Stage) -> pb.WorkerGenerateRequest:

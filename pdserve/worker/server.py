@@ -9,12 +9,12 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
 from pdserve.config import WorkerConfig
 from pdserve.grpc_options import SERVER_OPTIONS
 from pdserve.kv_transfer.nixl import transport_for
-from pdserve.metrics import WorkerMetrics
+from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.v1 import worker_pb2_grpc
 from pdserve.worker.engine import Engine
 from pdserve.worker.servicer import WorkerServicer
@@ -30,7 +30,7 @@ async def serve(config: WorkerConfig) -> None:
     # vLLM registers its engine metrics on prometheus_client's process registry; ours
     # join them there so one /metrics endpoint shows both.
     metrics = WorkerMetrics(REGISTRY, config.role.value)
-    start_http_server(config.metrics_port, addr=config.host, registry=REGISTRY)
+    serve_metrics(config.host, config.metrics_port, REGISTRY)
 
     servicer = WorkerServicer(config, engine, metrics)
     health = HealthServicer()

@@ -273,9 +273,7 @@ def test_autoscaled_pools_use_kubernetes_discovery() -> None:
     assert "--prefill" not in flags(container(router))
     assert router["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     (role,) = manifests(profile, "Role")
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}
-    ]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
     (binding,) = manifests(profile, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert (
