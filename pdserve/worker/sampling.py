@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pdserve.sampling import OPTIONAL_SAMPLING_FIELDS
 from pdserve.v1 import common_pb2 as cpb
 
 _FINISH = {
@@ -30,16 +31,7 @@ def to_vllm(
         "include_stop_str_in_output": msg.include_stop_str_in_output,
         "output_kind": RequestOutputKind.DELTA,
     }
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "min_tokens",
-    ):
+    for name in OPTIONAL_SAMPLING_FIELDS:
         if msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     if kv_transfer_params is not None:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.errors import InvalidRequestError
+from pdserve.sampling import OPTIONAL_SAMPLING_FIELDS
 from pdserve.v1 import common_pb2 as cpb
 
 MAX_STOP_STRINGS = 16
@@ -70,16 +71,7 @@ class SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-            "min_tokens",
-        ):
+        for name in OPTIONAL_SAMPLING_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 setattr(msg, name, value)
