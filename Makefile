@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/pdserve/v1/*.proto)
 GEN    := pdserve/v1/.generated
 UP_ARGS ?= --model default --prefill 1 --decode 1
 
-.PHONY: install proto up test lint typecheck unit e2e clean
+.PHONY: install proto up test test-topology lint typecheck unit e2e clean
 
 install: $(STAMP) $(GEN)
 
@@ -53,8 +53,14 @@ unit: install
 e2e: install
 	$(BIN)/pytest -q tests/e2e
 
+# The TP=2 -> PP=2 cluster (tests/e2e/topology) is not in the default run: on 2 cores its
+# start-up takes 4-12 min (PP needs torch.compile) and it is not yet reliable there
+# (see docs/testing.md). Run it with `make test-topology`.
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests
+	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/topology
+
+test-topology: install
+	$(BIN)/pytest -q -ra tests/e2e/topology
 
 clean:
 	rm -rf $(VENV) pdserve/v1 build *.egg-info
