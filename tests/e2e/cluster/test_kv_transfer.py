@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
@@ -58,23 +57,23 @@ def test_prompt_tokens_arrive_by_kv_transfer(cluster: Cluster) -> None:
 
 
 def test_cancelled_stream_frees_the_decode_worker(cluster: Cluster) -> None:
-    """A client that hangs up mid-stream: the request is aborted on the decode worker."""
+    """A client that hangs up mid-stream: the request is aborted on the workers."""
     body = {"model": "tiny-llama", "prompt": "The", "max_tokens": 400, "temperature": 0,
             "stream": True, "ignore_eos": True}  # fmt: skip
     with httpx.stream("POST", f"{cluster.http}/v1/completions", json=body, timeout=180) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 3:
                 break  # hang up
-    decode_port = cluster.metrics_ports["decode-0"]
+    # The hang-up may land during the prefill or the decode: every worker must end with
+    # nothing running, and one of them must have recorded the cancellation.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        text = _scrape(decode_port)
-        running = _metric(text, "vllm:num_requests_running")
-        cancelled = _metric(
-            text, "pdserve_worker_requests_total", stage="decode", status="cancelled"
+    while True:
+        texts = [_scrape(port) for port in cluster.metrics_ports.values()]
+        running = sum(_metric(t, "vllm:num_requests_running") for t in texts)
+        cancelled = sum(
+            _metric(t, "pdserve_worker_requests_total", status="cancelled") for t in texts
         )
-        if running == 0 and cancelled >= 1:
+        if (running == 0 and cancelled >= 1) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert running == 0 and cancelled >= 1, (running, cancelled)
-    assert re.search(r"vllm:num_requests_running", text)
