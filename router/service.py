@@ -27,6 +27,7 @@ from pdserve.metrics import RouterMetrics
 from pdserve.router.first_transfer import FirstTransferGate
 from pdserve.router.planner import Mode, Plan, Planner
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.sampling import FINISH_REASON_NAMES
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 
 # Routing-decision label for requests that fell back from disaggregated to colocated.
 FALLBACK_COLOCATED = "fallback_colocated"
-
-_FINISH_NAMES = {
-    cpb.FINISH_REASON_STOP: "stop",
-    cpb.FINISH_REASON_LENGTH: "length",
-    cpb.FINISH_REASON_ABORT: "abort",
-}
 
 
 @dataclass(frozen=True)
@@ -201,7 +196,7 @@ class GenerationService:
                 else:
                     self.metrics.itl.labels(mode).observe((now - last) / len(msg.token_ids))
                 last = now
-            finish = _FINISH_NAMES.get(msg.finish_reason)
+            finish = FINISH_REASON_NAMES.get(msg.finish_reason)
             usage = msg.usage if msg.HasField("usage") else None
             if usage is not None:
                 self.metrics.prompt_tokens.inc(usage.prompt_tokens)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pdserve.config import ClusterConfig, PoolConfig, Role
 from pdserve.deploy.local.probes import grpc_serving, http_ready
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, PdserveError
 from pdserve.kv_transfer.metadata import KvLayout
 from pdserve.kv_transfer.nixl import transport_for
 from pdserve.models import resolve_model
@@ -110,8 +110,8 @@ def check_topology(config: ClusterConfig) -> None:
 
         try:
             transport.check_shapes(shape(config.prefill), shape(config.decode))
-        except Exception as e:
-            raise ConfigError(str(e)) from e
+        except PdserveError as e:
+            raise ConfigError(e.message) from e
 
 
 def plan_components(

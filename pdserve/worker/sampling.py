@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdserve.sampling import OPTIONAL_SAMPLING_FIELDS
+from pdserve.sampling import FINISH_REASON_BY_NAME, OPTIONAL_SAMPLING_FIELDS
 from pdserve.v1 import common_pb2 as cpb
-
-_FINISH = {
-    "stop": cpb.FINISH_REASON_STOP,
-    "length": cpb.FINISH_REASON_LENGTH,
-    "abort": cpb.FINISH_REASON_ABORT,
-}
 
 
 def to_vllm(
@@ -42,4 +36,4 @@ def to_vllm(
 def finish_reason_to_proto(reason: str | None) -> cpb.FinishReason:
     if reason is None:
         return cpb.FINISH_REASON_UNSPECIFIED
-    return _FINISH.get(reason, cpb.FINISH_REASON_STOP)
+    return FINISH_REASON_BY_NAME.get(reason, cpb.FINISH_REASON_STOP)

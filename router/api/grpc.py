@@ -11,15 +11,10 @@ import grpc
 from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.router.service import GenerateCall, GenerationService
 from pdserve.router.tokenize import PromptTokenizer
+from pdserve.sampling import FINISH_REASON_BY_NAME
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import inference_pb2 as pb
 from pdserve.v1 import inference_pb2_grpc
-
-_FINISH = {
-    "stop": cpb.FINISH_REASON_STOP,
-    "length": cpb.FINISH_REASON_LENGTH,
-    "abort": cpb.FINISH_REASON_ABORT,
-}
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -61,7 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     request_id=request_id, text=delta.text, token_ids=delta.token_ids
                 )
                 if delta.finish_reason is not None:
-                    msg.finish_reason = _FINISH[delta.finish_reason]
+                    msg.finish_reason = FINISH_REASON_BY_NAME[delta.finish_reason]
                 if delta.usage is not None:
                     msg.usage.CopyFrom(delta.usage)
                 yield msg
