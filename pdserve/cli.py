@@ -66,6 +66,9 @@ def up(
         Path | None, typer.Option(help="worker/router logs (default: a temp folder)")
     ] = None,
     backend: Annotated[str, typer.Option(help="local")] = "local",
+    control_port: Annotated[
+        int, typer.Option(help="control endpoint on 127.0.0.1 (`pdserve scale`)")
+    ] = 50050,
 ) -> None:
     """Start a router and prefill/decode workers on this machine, in the foreground."""
     from pdserve.config import KvTransport
@@ -87,6 +90,7 @@ def up(
         served_model_name=served_model_name,
         kv_transport=KvTransport(kv_transport),
         kv_lease_s=kv_lease_s,
+        control_port=control_port,
     )
     try:
         code = run_cluster(config, log_dir)
@@ -148,7 +152,9 @@ def worker(
     asyncio.run(serve(config))
 
 
-def _discovery_config(mode: DiscoveryMode | None, config_file: Path | None) -> DiscoveryConfig:
+def _discovery_config(
+    mode: DiscoveryMode | None, config_file: Path | None, launcher_url: str | None = None
+) -> DiscoveryConfig:
     """The ``discovery`` section of the router's config file; ``--discovery`` wins over
     its ``mode``."""
     import yaml
@@ -167,7 +173,9 @@ def _discovery_config(mode: DiscoveryMode | None, config_file: Path | None) -> D
         raise typer.BadParameter("its discovery section must be a mapping", param_hint="--config")
     try:
         parsed = DiscoveryConfig.from_dict(section)
-        return parsed if mode is None else dataclasses.replace(parsed, mode=mode)
+        return dataclasses.replace(
+            parsed, mode=mode or parsed.mode, launcher_url=launcher_url or parsed.launcher_url
+        )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint="--config") from e
 
@@ -191,8 +199,12 @@ def router(
         DiscoveryMode | None,
         typer.Option(
             help="static: the --prefill/--decode/--both list; kubernetes: watch pods "
-            "(selectors from --config). Default: the config file's mode, else static"
+            "(selectors from --config); launcher: follow `pdserve up` (--launcher-url). "
+            "Default: the config file's mode, else static"
         ),
+    ] = None,
+    launcher_url: Annotated[
+        str | None, typer.Option(help="the `pdserve up` control endpoint (launcher discovery)")
     ] = None,
     config_file: Annotated[
         Path | None,
@@ -209,8 +221,8 @@ def router(
     from pdserve.router.app import serve
 
     _setup_logging(log_level)
-    discovery_config = _discovery_config(discovery, config_file)
-    if discovery_config.mode is DiscoveryMode.KUBERNETES:
+    discovery_config = _discovery_config(discovery, config_file, launcher_url)
+    if discovery_config.mode is not DiscoveryMode.STATIC:
         if prefill or decode or both:
             raise typer.BadParameter("--prefill/--decode/--both are for --discovery=static")
     elif not (both or (prefill and decode)):
@@ -229,6 +241,33 @@ def router(
         discovery=discovery_config,
     )
     asyncio.run(serve(config))
+
+
+@app.command()
+def scale(
+    role: Annotated[Role, typer.Argument(help="prefill | decode | both")],
+    replicas: Annotated[int, typer.Argument(help="workers wanted in that pool", min=0)],
+    control_url: Annotated[
+        str, typer.Option(help="the `pdserve up` control endpoint")
+    ] = "http://127.0.0.1:50050",
+    wait: Annotated[bool, typer.Option(help="wait until the pools have settled")] = True,
+    timeout_s: Annotated[float, typer.Option(help="how long to wait")] = 900.0,
+) -> None:
+    """Resize a pool of a running `pdserve up` cluster without dropping requests: new
+    workers join once their engine is ready, removed ones are drained first."""
+    from pdserve.autoscale.scaler import LauncherScaler
+    from pdserve.errors import ScalingError
+
+    scaler = LauncherScaler(control_url)
+    try:
+        scaler.scale(role, replicas)
+        if wait:
+            view = scaler.wait_settled(timeout_s)
+            sizes = ", ".join(f"{name} {p['serving']}" for name, p in view["pools"].items())
+            typer.echo(f"settled: {sizes}")
+    except (ScalingError, ConfigError) as e:
+        typer.secho(f"error: {e.message}", fg="red", err=True)
+        raise typer.Exit(1) from e
 
 
 @app.command("prepare-model")

@@ -64,6 +64,8 @@ class WorkerConfig:
 class DiscoveryMode(enum.StrEnum):
     STATIC = "static"
     KUBERNETES = "kubernetes"
+    # The `pdserve up` launcher's control endpoint (deploy/local/control.py).
+    LAUNCHER = "launcher"
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class DiscoveryConfig:
     ``static``: the addresses on the command line (RouterConfig.*_workers).
     ``kubernetes``: the ready pods in ``namespace`` matching ``selectors[role]``, reached
     at podIP:worker_port.
+    ``launcher``: the members the launcher at ``launcher_url`` lists (`pdserve up`).
     """
 
     mode: DiscoveryMode = DiscoveryMode.STATIC
@@ -81,8 +84,12 @@ class DiscoveryConfig:
     worker_port: int = 50100
     # Kubernetes label selector per role, e.g. "app.kubernetes.io/instance=x,pdserve.io/role=y".
     selectors: Mapping[Role, str] = field(default_factory=dict)
+    # Launcher mode: the launcher's control endpoint, e.g. http://127.0.0.1:50050.
+    launcher_url: str = ""
 
     def __post_init__(self) -> None:
+        if self.mode is DiscoveryMode.LAUNCHER and not self.launcher_url:
+            raise ConfigError("launcher discovery needs the launcher's URL (--launcher-url)")
         if not 0 < self.worker_port < 65536:
             raise ConfigError(f"discovery.workerPort {self.worker_port} is not a TCP port")
         roles = set(self.selectors)
@@ -178,3 +185,5 @@ class ClusterConfig:
     served_model_name: str | None = None
     kv_transport: KvTransport = KvTransport.NIXL
     kv_lease_s: float = 30.0
+    # The launcher's control endpoint on 127.0.0.1 (`pdserve scale`, router discovery).
+    control_port: int = 50050

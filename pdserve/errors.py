@@ -82,6 +82,10 @@ class KvTransferError(PdserveError):
     openai_type = "kv_transfer_error"
 
 
+class ScalingError(PdserveError):
+    """A scaling backend (launcher, Kubernetes, Ray) refused or failed to resize a pool."""
+
+
 _BY_GRPC_CODE: dict[grpc.StatusCode, type[PdserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,

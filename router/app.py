@@ -59,6 +59,10 @@ def _discovery(config: RouterConfig) -> Discovery:
         from pdserve.router.discovery.kubernetes import KubernetesDiscovery
 
         return KubernetesDiscovery(config.discovery)
+    if config.discovery.mode is DiscoveryMode.LAUNCHER:
+        from pdserve.router.discovery.launcher import LauncherDiscovery
+
+        return LauncherDiscovery(config.discovery.launcher_url)
     return StaticDiscovery(
         {
             Role.PREFILL: config.prefill_workers,

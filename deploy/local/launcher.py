@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.config import ClusterConfig, PoolConfig, Role
+from pdserve.deploy.local.control import serve_control
+from pdserve.deploy.local.pools import Pools
 from pdserve.deploy.local.probes import grpc_serving, http_ready
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.kv_transfer.metadata import KvLayout
@@ -40,6 +42,9 @@ class Component:
     log_path: Path
     is_ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
+    # Workers only: their pool and the slot that selects their ports.
+    role: Role | None = None
+    slot: int = -1
     proc: subprocess.Popen[bytes] | None = None
     ready: bool = False
     reported_exit: bool = False
@@ -114,56 +119,68 @@ def check_topology(config: ClusterConfig) -> None:
             raise ConfigError(e.message) from e
 
 
+def worker_component(
+    config: ClusterConfig,
+    model_path: Path,
+    log_dir: Path,
+    role: Role,
+    name: str,
+    slot: int,
+    cpu_bind: str,
+) -> Component:
+    """One worker; ``slot`` selects its gRPC, metrics and NIXL side-channel ports."""
+    pool = pool_of(config, role)
+    port = config.worker_base_port + slot
+    argv = [
+        sys.executable, "-m", "pdserve.cli", "worker",
+        "--role", role.value,
+        "--model", str(model_path),
+        "--served-model-name", config.served_model_name or model_path.name,
+        "--worker-id", name,
+        "--port", str(port),
+        "--metrics-port", str(config.metrics_base_port + slot),
+        "--kv-port", str(config.kv_base_port + slot * KV_PORTS_PER_WORKER),
+        "--kv-lease-s", str(config.kv_lease_s),
+        "--kv-transport", config.kv_transport.value,
+        "--tensor-parallel-size", str(pool.tensor_parallel_size),
+        "--pipeline-parallel-size", str(pool.pipeline_parallel_size),
+        "--max-model-len", str(config.max_model_len),
+        "--cpu-bind", cpu_bind,
+    ]  # fmt: skip
+    address = worker_address(config, slot)
+    return Component(
+        name, argv, log_dir / f"{name}.log", _grpc_probe(address), role=role, slot=slot
+    )
+
+
+def pool_of(config: ClusterConfig, role: Role) -> PoolConfig:
+    return {Role.PREFILL: config.prefill, Role.DECODE: config.decode, Role.BOTH: config.both}[role]
+
+
+def worker_address(config: ClusterConfig, slot: int) -> str:
+    return f"127.0.0.1:{config.worker_base_port + slot}"
+
+
+def control_url(config: ClusterConfig) -> str:
+    return f"http://127.0.0.1:{config.control_port}"
+
+
 def plan_components(
     config: ClusterConfig, model_path: Path, log_dir: Path
 ) -> tuple[list[Component], Component]:
-    """The worker components and the router component of a cluster."""
+    """The initial worker components and the router component of a cluster. The router
+    follows the launcher's pool membership (router/discovery/launcher.py)."""
     served = config.served_model_name or model_path.name
     pools = [(Role.PREFILL, config.prefill), (Role.DECODE, config.decode), (Role.BOTH, config.both)]
     binds = cpu_binds([p for _, p in pools], sorted(os.sched_getaffinity(0)))
     workers: list[Component] = []
-    router_args: list[str] = []
-    index = 0
     for role, pool in pools:
         for replica in range(pool.replicas):
-            port = config.worker_base_port + index
+            slot = len(workers)
             name = f"{role.value}-{replica}"
-            argv = [
-                sys.executable,
-                "-m",
-                "pdserve.cli",
-                "worker",
-                "--role",
-                role.value,
-                "--model",
-                str(model_path),
-                "--served-model-name",
-                served,
-                "--worker-id",
-                name,
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(config.metrics_base_port + index),
-                "--kv-port",
-                str(config.kv_base_port + index * KV_PORTS_PER_WORKER),
-                "--kv-lease-s",
-                str(config.kv_lease_s),
-                "--kv-transport",
-                config.kv_transport.value,
-                "--tensor-parallel-size",
-                str(pool.tensor_parallel_size),
-                "--pipeline-parallel-size",
-                str(pool.pipeline_parallel_size),
-                "--max-model-len",
-                str(config.max_model_len),
-                "--cpu-bind",
-                binds[index],
-            ]
-            address = f"127.0.0.1:{port}"
-            workers.append(Component(name, argv, log_dir / f"{name}.log", _grpc_probe(address)))
-            router_args += [f"--{role.value}", address]
-            index += 1
+            workers.append(
+                worker_component(config, model_path, log_dir, role, name, slot, binds[slot])
+            )
     router = Component(
         "router",
         [
@@ -179,7 +196,10 @@ def plan_components(
             str(config.http_port),
             "--grpc-port",
             str(config.grpc_port),
-            *router_args,
+            "--discovery",
+            "launcher",
+            "--launcher-url",
+            control_url(config),
         ],
         log_dir / "router.log",
         lambda: http_ready(f"http://127.0.0.1:{config.http_port}/ready"),
@@ -187,17 +207,36 @@ def plan_components(
     return workers, router
 
 
+def worker_factory(
+    config: ClusterConfig, model_path: Path, log_dir: Path, first_core: int
+) -> Callable[[Role, str, int], Component]:
+    """Builds the workers a scale-up adds; their cores continue the round-robin."""
+    cores = sorted(os.sched_getaffinity(0))
+    next_core = first_core
+
+    def build(role: Role, name: str, slot: int) -> Component:
+        nonlocal next_core
+        ranks = pool_of(config, role).ranks
+        bind = "|".join(str(cores[(next_core + r) % len(cores)]) for r in range(ranks))
+        next_core += ranks
+        return worker_component(config, model_path, log_dir, role, name, slot, bind)
+
+    return build
+
+
 def _grpc_probe(address: str) -> Callable[[], bool]:
     return lambda: grpc_serving(address)
 
 
 class Cluster:
-    def __init__(
-        self, workers: list[Component], router: Component, say: Callable[[str], None]
-    ) -> None:
-        self.workers = workers
+    def __init__(self, pools: Pools, router: Component, say: Callable[[str], None]) -> None:
+        self.pools = pools
         self.router = router
         self.say = say
+
+    @property
+    def workers(self) -> list[Component]:
+        return self.pools.components
 
     @property
     def components(self) -> list[Component]:
@@ -213,6 +252,7 @@ class Cluster:
         with Console(stderr=True).status("") as status:
             if not self._wait_ready(self.workers, started, timeout_s, status.update):
                 return False
+            self.pools.reconcile()  # the ready workers become the pools' members
             self.router.start()
             return self._wait_ready([self.router], started, timeout_s, status.update)
 
@@ -241,11 +281,10 @@ class Cluster:
         return True
 
     def supervise(self, stop_requested: Callable[[], bool]) -> int:
-        """Run until Ctrl-C or the router exits; report workers that exit."""
+        """Run until Ctrl-C or the router exits, resizing the pools to their targets
+        (`pdserve scale`); the pools report workers that exit on their own."""
         while not stop_requested():
-            for c in self.workers:
-                if c.exit_code() is not None and not c.reported_exit:
-                    self._report_exit(c)
+            self.pools.reconcile()
             if self.router.exit_code() is not None:
                 self._report_exit(self.router)
                 return 1
@@ -283,7 +322,14 @@ def run_cluster(config: ClusterConfig, log_dir: Path | None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     workers, router = plan_components(config, model_path, log_dir)
     _say(f"starting {len(workers)} workers and the router; logs in {log_dir}")
-    cluster = Cluster(workers, router, _say)
+    used_cores = sum(pool_of(config, role).ranks * pool_of(config, role).replicas for role in Role)
+    factory = worker_factory(config, model_path, log_dir, first_core=used_cores)
+    pools = Pools(factory, _say, lambda slot: worker_address(config, slot))
+    for w in workers:
+        assert w.role is not None  # (set for every worker by worker_component)
+        pools.adopt(w, w.role, w.slot)
+    cluster = Cluster(pools, router, _say)
+    control = serve_control("127.0.0.1", config.control_port, pools)
 
     stopping = False
 
@@ -303,6 +349,7 @@ def run_cluster(config: ClusterConfig, log_dir: Path | None) -> int:
         return 130
     finally:
         _say("stopping all processes")
+        control.shutdown()
         cluster.stop()
         _say("stopped")
 

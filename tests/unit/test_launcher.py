@@ -9,7 +9,7 @@ import pytest
 import typer
 
 from pdserve.cli import app
-from pdserve.config import ClusterConfig, PoolConfig
+from pdserve.config import ClusterConfig, PoolConfig, Role
 from pdserve.deploy.local.launcher import check_topology, cpu_binds, plan_components
 from pdserve.errors import ConfigError
 
@@ -37,7 +37,7 @@ def test_refused_topologies(config: ClusterConfig, message: str) -> None:
         check_topology(config)
 
 
-def test_components_have_distinct_ports_and_router_knows_every_worker(tmp_path: Path) -> None:
+def test_components_have_distinct_ports_and_router_follows_the_launcher(tmp_path: Path) -> None:
     config = ClusterConfig(
         "tiny", prefill=PoolConfig(2), decode=PoolConfig(2, tensor_parallel_size=2)
     )
@@ -46,7 +46,14 @@ def test_components_have_distinct_ports_and_router_knows_every_worker(tmp_path: 
     for flag in ("--port", "--metrics-port", "--kv-port"):
         values = [w.argv[w.argv.index(flag) + 1] for w in workers]
         assert len(set(values)) == len(values), flag
-    assert router.argv.count("--prefill") == 2 and router.argv.count("--decode") == 2
+    assert [(w.role, w.slot) for w in workers] == [
+        (Role.PREFILL, 0), (Role.PREFILL, 1), (Role.DECODE, 2), (Role.DECODE, 3),
+    ]  # fmt: skip
+    # The router learns its workers from the launcher's control endpoint, not a list.
+    assert "--prefill" not in router.argv and "--decode" not in router.argv
+    url = router.argv[router.argv.index("--launcher-url") + 1]
+    assert url == f"http://127.0.0.1:{config.control_port}"
+    assert router.argv[router.argv.index("--discovery") + 1] == "launcher"
     # Every argv is accepted by the real CLI parser.
     cli = typer.main.get_command(app)
     for component in [*workers, router]:

@@ -1,0 +1,84 @@
+"""Discovery from the `pdserve up` launcher's control endpoint (deploy/local/control.py).
+
+Every ``interval_s`` the router posts what it has applied and how many of its requests
+run on each worker it knows, and gets the launcher's membership back. That report is
+the router-side half of a drain: a worker the launcher scales away leaves the pool at
+once (no new requests), and the launcher stops it only after the router has applied
+that membership and reports none of its requests still running there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import httpx
+
+from pdserve.config import Role
+from pdserve.router.discovery.base import Discovery
+from pdserve.router.workers import WorkerClient, WorkerPool
+
+log = logging.getLogger(__name__)
+SYNC_PATH = "/v1/discovery/sync"
+
+
+class LauncherDiscovery(Discovery):
+    def __init__(
+        self,
+        url: str,
+        interval_s: float = 0.5,
+        retry_max_s: float = 10.0,
+        request_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.interval_s = interval_s
+        self.retry_max_s = retry_max_s
+        self.request_timeout_s = request_timeout_s
+
+    async def run(self, pool: WorkerPool) -> None:
+        applied = 0
+        # Workers removed from the pool whose requests still run: reported until done.
+        leaving: list[WorkerClient] = []
+        delay = self.interval_s
+        async with httpx.AsyncClient(timeout=self.request_timeout_s) as http:
+            while True:
+                leaving = [w for w in leaving if w.in_flight > 0]
+                in_flight = {w.address: w.in_flight for w in [*pool.workers, *leaving]}
+                try:
+                    reply = await http.post(
+                        self.url + SYNC_PATH, json={"applied": applied, "in_flight": in_flight}
+                    )
+                    reply.raise_for_status()
+                    doc = reply.json()
+                    version = int(doc["version"])
+                    wanted = {
+                        (Role(role), str(address))
+                        for role, addresses in doc["members"].items()
+                        for address in addresses
+                    }
+                except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    # Keep the members we have: a launcher briefly unreachable must not
+                    # empty the pool.
+                    log.warning("launcher %s: %r; retrying in %.1f s", self.url, e, delay)
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, self.retry_max_s)
+                    continue
+                leaving += self._apply(pool, wanted)
+                applied, delay = version, self.interval_s
+                await asyncio.sleep(self.interval_s)
+
+    @staticmethod
+    def _apply(pool: WorkerPool, wanted: set[tuple[Role, str]]) -> list[WorkerClient]:
+        """Make the pool's members ``wanted``; returns the clients that left."""
+        current = {(w.role, w.address): w for w in pool.workers}
+        left = []
+        for key, worker in current.items():
+            if key not in wanted:
+                pool.remove(worker.address, worker.role)
+                left.append(worker)
+                log.info("%s worker %s left the pool (scaled down)", worker.role, worker.address)
+        for role, address in sorted(wanted - set(current)):
+            pool.add([address], role)
+            log.info("%s worker %s joined the pool", role, address)
+        return left
