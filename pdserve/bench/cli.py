@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -17,43 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pdserve.bench.arrival import ArrivalSpec
 from pdserve.bench.client import RequestResult
 from pdserve.bench.compare import run_compare, sigterm_as_interrupt
-from pdserve.bench.metrics import DEFAULT_ATTAINMENT
-from pdserve.bench.options import (
-    ApiKeyOpt,
-    AttainmentOpt,
-    BaselineOpt,
-    BurstOpt,
-    CommonFlags,
-    ConcurrencyOpt,
-    ExtraBodyOpt,
-    GroupsOpt,
-    IgnoreEosOpt,
-    InputLenOpt,
-    MaxConcurrencyOpt,
-    MaxContextOpt,
-    NumRequestsOpt,
-    OutOpt,
-    OutputLenOpt,
-    PlotsOpt,
-    PrefixLenOpt,
-    ProgressOpt,
-    RateOpt,
-    RatesOpt,
-    ReplayOpt,
-    SearchOpt,
-    SeedOpt,
-    SloOpt,
-    ThinkTimeOpt,
-    TimeoutOpt,
-    TurnsOpt,
-    WarmupOpt,
-    WorkloadOpt,
-)
+from pdserve.bench.options import CommonFlags, OutputFlags, with_common_flags
 from pdserve.bench.report import BenchReport, environment, markdown, write_report
 from pdserve.bench.runner import PhaseHook, ResultHook, RunPlan, TargetResult, run_interleaved
 from pdserve.bench.runner import served_model as fetch_served_model
 from pdserve.bench.setups import DEFAULT_SETUPS, SetupContext, SetupSpec
-from pdserve.bench.workloads import WorkloadKind, load_tokenizer
+from pdserve.bench.workloads import load_tokenizer
 from pdserve.errors import PdserveError
 
 bench_app = typer.Typer(
@@ -100,18 +70,17 @@ def _finish(
     targets: list[TargetResult],
     flags: dict[str, object],
     out: Path,
-    baseline: str | None,
-    plots: bool,
+    output: OutputFlags,
 ) -> None:
     report = BenchReport(
         workload=plan.workload.summary(),
         targets=targets,
         environment=environment(flags),
         slo=plan.slo.describe() if plan.slo else None,
-        baseline=baseline,
+        baseline=output.baseline,
         attainment=plan.attainment,
     )
-    files = write_report(report, out, plots=plots)
+    files = write_report(report, out, plots=output.plots)
     text = markdown(report)
     # Rich renders tables to fit the terminal; on narrow ones plain markdown reads better.
     if console.width >= 140:
@@ -127,6 +96,7 @@ def _fail(console: Console, err: PdserveError) -> typer.Exit:
 
 
 @bench_app.command()
+@with_common_flags(warmup=1)
 def serve(
     target: Annotated[
         list[str], typer.Option(help="endpoint base URL, e.g. http://127.0.0.1:8000 (repeat)")
@@ -136,42 +106,12 @@ def serve(
         str | None, typer.Option(help="model id (default: first of /v1/models)")
     ] = None,
     tokenizer: Annotated[str, typer.Option(help="model folder, 'default' or 'tiny'")] = "default",
-    workload: WorkloadOpt = WorkloadKind.RANDOM,
-    num_requests: NumRequestsOpt = 32,
-    input_len: InputLenOpt = None,
-    output_len: OutputLenOpt = None,
-    seed: SeedOpt = 0,
-    groups: GroupsOpt = 4,
-    prefix_len: PrefixLenOpt = 512,
-    turns: TurnsOpt = 4,
-    replay: ReplayOpt = None,
-    max_context: MaxContextOpt = 2048,
-    concurrency: ConcurrencyOpt = None,
-    rate: RateOpt = None,
-    rates: RatesOpt = None,
-    burst: BurstOpt = None,
-    max_concurrency: MaxConcurrencyOpt = None,
-    think_time: ThinkTimeOpt = 0.0,
-    search: SearchOpt = None,
-    slo: SloOpt = None,
-    slo_attainment: AttainmentOpt = DEFAULT_ATTAINMENT,
-    request_timeout: TimeoutOpt = 600.0,
-    ignore_eos: IgnoreEosOpt = True,
-    api_key: ApiKeyOpt = None,
-    extra_body: ExtraBodyOpt = None,
-    warmup: WarmupOpt = 1,
-    out: OutOpt = None,
-    baseline: BaselineOpt = None,
-    plots: PlotsOpt = True,
-    progress: ProgressOpt = True,
+    *,
+    flags: CommonFlags,
+    output: OutputFlags,
 ) -> None:
     """Run a workload against running endpoints (interleaved phase by phase) and report."""
     console = Console(stderr=True)
-    flags = CommonFlags(
-        workload, num_requests, input_len, output_len, seed, groups, prefix_len, turns, replay,
-        max_context, concurrency, rate, rates, burst, max_concurrency, think_time, search, slo,
-        slo_attainment, request_timeout, ignore_eos, api_key, extra_body, warmup,
-    )  # fmt: skip
     names = list(name or [])
     if names and len(names) != len(target):
         raise typer.BadParameter("give one --name per --target, or none")
@@ -182,15 +122,16 @@ def serve(
             label = names[i] if names else (f"target{i}" if len(target) > 1 else "target")
             served = model or asyncio.run(fetch_served_model(url))
             targets.append(TargetResult(label, url.rstrip("/"), served))
-        with _progress(progress, console) as hook:
+        with _progress(output.progress, console) as hook:
             asyncio.run(run_interleaved(targets, plan, hook))
     except PdserveError as e:
         raise _fail(console, e) from e
     run_flags = {**flags.to_json(), "tokenizer": tokenizer, "targets": target}
-    _finish(console, plan, targets, run_flags, _out_dir(out), baseline, plots)
+    _finish(console, plan, targets, run_flags, _out_dir(output.out), output)
 
 
 @bench_app.command()
+@with_common_flags(warmup=2)
 def compare(
     model: Annotated[str, typer.Option(help="'default', 'tiny' or a model folder")] = "default",
     served_model_name: Annotated[
@@ -214,46 +155,16 @@ def compare(
     max_model_len: int = 2048,
     kv_cache_gib: Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE per engine")] = 1,
     log_dir: Annotated[Path | None, typer.Option(help="setup logs (default OUT/logs)")] = None,
-    workload: WorkloadOpt = WorkloadKind.RANDOM,
-    num_requests: NumRequestsOpt = 32,
-    input_len: InputLenOpt = None,
-    output_len: OutputLenOpt = None,
-    seed: SeedOpt = 0,
-    groups: GroupsOpt = 4,
-    prefix_len: PrefixLenOpt = 512,
-    turns: TurnsOpt = 4,
-    replay: ReplayOpt = None,
-    max_context: MaxContextOpt = 2048,
-    concurrency: ConcurrencyOpt = None,
-    rate: RateOpt = None,
-    rates: RatesOpt = None,
-    burst: BurstOpt = None,
-    max_concurrency: MaxConcurrencyOpt = None,
-    think_time: ThinkTimeOpt = 0.0,
-    search: SearchOpt = None,
-    slo: SloOpt = None,
-    slo_attainment: AttainmentOpt = DEFAULT_ATTAINMENT,
-    request_timeout: TimeoutOpt = 600.0,
-    ignore_eos: IgnoreEosOpt = True,
-    api_key: ApiKeyOpt = None,
-    extra_body: ExtraBodyOpt = None,
-    warmup: WarmupOpt = 2,
-    out: OutOpt = None,
-    baseline: BaselineOpt = None,
-    plots: PlotsOpt = True,
-    progress: ProgressOpt = True,
+    *,
+    flags: CommonFlags,
+    output: OutputFlags,
 ) -> None:
     """Start each setup in turn on the same model and cores, run the same workload, report."""
     from pdserve.models import resolve_model
 
     console = Console(stderr=True)
-    flags = CommonFlags(
-        workload, num_requests, input_len, output_len, seed, groups, prefix_len, turns, replay,
-        min(max_context, max_model_len), concurrency, rate, rates, burst, max_concurrency,
-        think_time, search, slo, slo_attainment, request_timeout, ignore_eos, api_key,
-        extra_body, warmup,
-    )  # fmt: skip
-    out_dir = _out_dir(out)
+    flags = replace(flags, max_context=min(flags.max_context, max_model_len))
+    out_dir = _out_dir(output.out)
     try:
         specs = [SetupSpec.parse(s) for s in setup or ([] if attach else DEFAULT_SETUPS)]
         specs += [SetupSpec.attach(a) for a in attach or []]
@@ -276,7 +187,7 @@ def compare(
     targets: list[TargetResult] = []
     interrupted = False
     try:
-        with sigterm_as_interrupt(), _progress(progress, console) as hook:
+        with sigterm_as_interrupt(), _progress(output.progress, console) as hook:
             run_compare(specs, ctx, plan, startup_timeout, stop_timeout, hook, console.log, targets)
     except KeyboardInterrupt:
         interrupted = True  # the setups are stopped; keep what was measured
@@ -292,7 +203,7 @@ def compare(
     if interrupted:
         run_flags["interrupted"] = True
         targets = [t for t in targets if t.phases or t.error]
-    _finish(console, plan, targets, run_flags, out_dir, baseline, plots)
+    _finish(console, plan, targets, run_flags, out_dir, output)
     if interrupted:
         raise typer.Exit(130)
     if all(t.error for t in targets):

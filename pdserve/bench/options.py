@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +15,7 @@ import typer
 
 from pdserve.bench.arrival import ArrivalKind, ArrivalSpec, parse_burst, parse_rates, sweep
 from pdserve.bench.client import ClientOptions
-from pdserve.bench.metrics import Slo
+from pdserve.bench.metrics import DEFAULT_ATTAINMENT, Slo
 from pdserve.bench.runner import RunPlan
 from pdserve.bench.workloads import (
     BenchRequest,
@@ -218,6 +221,98 @@ class CommonFlags:
             search=self.search_range(),
             attainment=self.slo_attainment,
         )
+
+
+# The flags both commands share: (name, annotated type, default), in CommonFlags' order.
+_COMMON_PARAMS: tuple[tuple[str, Any, Any], ...] = (
+    ("workload", WorkloadOpt, WorkloadKind.RANDOM),
+    ("num_requests", NumRequestsOpt, 32),
+    ("input_len", InputLenOpt, None),
+    ("output_len", OutputLenOpt, None),
+    ("seed", SeedOpt, 0),
+    ("groups", GroupsOpt, 4),
+    ("prefix_len", PrefixLenOpt, 512),
+    ("turns", TurnsOpt, 4),
+    ("replay", ReplayOpt, None),
+    ("max_context", MaxContextOpt, 2048),
+    ("concurrency", ConcurrencyOpt, None),
+    ("rate", RateOpt, None),
+    ("rates", RatesOpt, None),
+    ("burst", BurstOpt, None),
+    ("max_concurrency", MaxConcurrencyOpt, None),
+    ("think_time", ThinkTimeOpt, 0.0),
+    ("search", SearchOpt, None),
+    ("slo", SloOpt, None),
+    ("slo_attainment", AttainmentOpt, DEFAULT_ATTAINMENT),
+    ("request_timeout", TimeoutOpt, 600.0),
+    ("ignore_eos", IgnoreEosOpt, True),
+    ("api_key", ApiKeyOpt, None),
+    ("extra_body", ExtraBodyOpt, None),
+    ("warmup", WarmupOpt, 1),
+)
+_OUTPUT_PARAMS: tuple[tuple[str, Any, Any], ...] = (
+    ("out", OutOpt, None),
+    ("baseline", BaselineOpt, None),
+    ("plots", PlotsOpt, True),
+    ("progress", ProgressOpt, True),
+)
+
+
+@dataclass(frozen=True)
+class OutputFlags:
+    """Where and how the report is written."""
+
+    out: Path | None
+    baseline: str | None
+    plots: bool
+    progress: bool
+
+
+Command = Callable[..., None]
+
+
+def with_common_flags(**defaults: Any) -> Callable[[Command], Command]:
+    """Give a typer command the shared workload, arrival, SLO and output flags.
+
+    The command declares ``flags: CommonFlags`` and ``output: OutputFlags`` instead of the
+    two dozen options; ``defaults`` overrides a shared flag's default for this command.
+    """
+    table = _COMMON_PARAMS + _OUTPUT_PARAMS
+    unknown = set(defaults) - {name for name, _, _ in table}
+    if unknown:
+        raise TypeError(f"not a shared flag: {sorted(unknown)}")
+    common = [name for name, _, _ in _COMMON_PARAMS]
+    output = [name for name, _, _ in _OUTPUT_PARAMS]
+
+    def decorate(command: Command) -> Command:
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.name not in ("flags", "output")
+        ]
+        shared = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=annotation,
+                default=defaults.get(name, default),
+            )
+            for name, annotation, default in table
+        ]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            flags = CommonFlags(**{name: kwargs.pop(name) for name in common})
+            out = OutputFlags(**{name: kwargs.pop(name) for name in output})
+            command(flags=flags, output=out, **kwargs)
+
+        params = own + shared
+        # typer reads the signature (inspect honours __signature__) and the annotations.
+        wrapper.__dict__["__signature__"] = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
 
 
 def warmup_requests(spec: WorkloadSpec, tokenizer: Tokenizer, count: int) -> list[BenchRequest]:
