@@ -7,6 +7,7 @@ Metric objects are created per process on a registry that is passed in (no globa
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -17,12 +18,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Latency buckets for LLM serving: TTFT spans milliseconds (cache hits) to tens of seconds
 # (long prompts on CPUs); ITL spans a few milliseconds to about a second.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+# Admission waits: none at all (most requests) up to the queue timeout.
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 ROUTER_REQUESTS = "pdserve_router_requests_total"
 ROUTER_IN_FLIGHT = "pdserve_router_requests_in_flight"
@@ -33,6 +38,7 @@ ROUTER_ROUTING = "pdserve_router_routing_decisions_total"
 ROUTER_WORKERS_HEALTHY = "pdserve_router_workers_healthy"
 ROUTER_PROMPT_TOKENS = "pdserve_router_prompt_tokens_total"
 ROUTER_GENERATION_TOKENS = "pdserve_router_generation_tokens_total"
+ROUTER_QUEUE_TIME = "pdserve_router_queue_time_seconds"
 
 WORKER_REQUESTS = "pdserve_worker_requests_total"
 WORKER_IN_FLIGHT = "pdserve_worker_requests_in_flight"
@@ -93,6 +99,12 @@ class RouterMetrics:
         self.generation_tokens = Counter(
             ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests.", registry=registry
         )
+        self.queue_time = Histogram(
+            ROUTER_QUEUE_TIME,
+            "Time from request arrival to its admission (waiting for a free slot).",
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
 
 
 class WorkerMetrics:
@@ -135,20 +147,53 @@ class WorkerMetrics:
         )
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> ThreadingHTTPServer:
-    """Serve ``registry`` at /metrics in the Prometheus text format, from a daemon thread.
+# vLLM's engine metrics (running/waiting requests, KV cache usage, prefix cache hits,
+# tokens, NIXL transfers, ...) keep vLLM's own names, so queries written for vLLM work
+# unchanged; a worker re-exports them with its `role` so the pools can be told apart.
+VLLM_PREFIX = "vllm:"
+ROLE_LABEL = "role"
+
+
+class WithRole(Collector):
+    """``registry`` with ``role`` added to every vLLM metric family that lacks it."""
+
+    def __init__(self, registry: Collector, role: str) -> None:
+        self.registry = registry
+        self.role = role
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if not family.name.startswith(VLLM_PREFIX):
+                yield family
+                continue
+            role = self.role
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                s if ROLE_LABEL in s.labels else s._replace(labels={**s.labels, ROLE_LABEL: role})
+                for s in family.samples
+            ]
+            yield labelled
+
+
+def serve_metrics(
+    host: str, port: int, registry: CollectorRegistry, role: str | None = None
+) -> ThreadingHTTPServer:
+    """Serve ``registry`` at /metrics in the Prometheus text format, from a daemon thread;
+    with ``role``, vLLM's metrics carry it (see ``WithRole``).
 
     Always the text format: prometheus_client's own server switches to OpenMetrics when a
     scraper asks for it, and its OpenMetrics output renames vLLM's ``vllm:*`` metrics to
     ``vllm_*``, which would break every dashboard query written against vLLM's names.
     """
 
+    source: Collector = registry if role is None else WithRole(registry, role)
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = generate_latest(registry)
+            body = generate_latest(source)
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE_LATEST)
             self.send_header("Content-Length", str(len(body)))

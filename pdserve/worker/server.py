@@ -30,7 +30,7 @@ async def serve(config: WorkerConfig) -> None:
     # vLLM registers its engine metrics on prometheus_client's process registry; ours
     # join them there so one /metrics endpoint shows both.
     metrics = WorkerMetrics(REGISTRY, config.role.value)
-    serve_metrics(config.host, config.metrics_port, REGISTRY)
+    serve_metrics(config.host, config.metrics_port, REGISTRY, role=config.role.value)
 
     servicer = WorkerServicer(config, engine, metrics)
     health = HealthServicer()
