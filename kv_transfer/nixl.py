@@ -102,10 +102,3 @@ def _flatten_block_ids(raw: Any) -> tuple[int, ...]:
             raise ValueError(f"expected one KV-cache group, got {len(raw)}")
         raw = raw[0]
     return tuple(int(b) for b in raw)
-
-
-def transport_for(name: str, lease_s: float) -> KvTransport:
-    """The transport registry: one place that maps a configured name to a class."""
-    if name == NixlTransport.name:
-        return NixlTransport(lease_s)
-    raise KvTransferError(f"unknown KV transport {name!r}; available: nixl")

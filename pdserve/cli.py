@@ -53,7 +53,7 @@ def up(
     prefill_pp: int = 1,
     decode_tp: int = 1,
     decode_pp: int = 1,
-    kv_transport: Annotated[str, typer.Option(help="nixl")] = "nixl",
+    kv_transport: Annotated[str, typer.Option(help="nixl | grpc")] = "nixl",
     http_port: int = 8000,
     grpc_port: int = 50051,
     worker_base_port: int = 50100,
@@ -109,8 +109,10 @@ def worker(
     host: str = "127.0.0.1",
     port: int = 50100,
     metrics_port: int = 9100,
-    kv_transport: str = "nixl",
-    kv_port: Annotated[int, typer.Option(help="NIXL side-channel port")] = 5600,
+    kv_transport: Annotated[str, typer.Option(help="nixl | grpc")] = "nixl",
+    kv_port: Annotated[
+        int, typer.Option(help="NIXL side channel / gRPC KV server port (ranks: + rank)")
+    ] = 5600,
     kv_lease_s: float = 30.0,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,

@@ -18,6 +18,7 @@ class Role(enum.StrEnum):
 
 class KvTransport(enum.StrEnum):
     NIXL = "nixl"
+    GRPC = "grpc"
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,10 @@ class KvTransferError(PdserveError):
     openai_type = "kv_transfer_error"
 
 
+class KvIntegrityError(KvTransferError):
+    """KV bytes arrived corrupted (a chunk failed its checksum); none of them were used."""
+
+
 class ScalingError(PdserveError):
     """A scaling backend (launcher, Kubernetes, Ray) refused or failed to resize a pool."""
 

@@ -46,6 +46,15 @@ WORKER_TTFT = "pdserve_worker_time_to_first_token_seconds"
 WORKER_E2E = "pdserve_worker_request_duration_seconds"
 WORKER_KV_HANDLES = "pdserve_worker_kv_handles_total"
 WORKER_KV_INCOMPATIBLE = "pdserve_worker_kv_incompatible_total"
+# The grpc KV transport (kv_transfer/): counted in the engine ranks, exported by the worker.
+KV_TRANSFER_BYTES_SENT = "pdserve_kv_transfer_bytes_sent_total"
+KV_TRANSFER_BYTES_RECEIVED = "pdserve_kv_transfer_bytes_received_total"
+KV_TRANSFER_DURATION = "pdserve_kv_transfer_duration_seconds"
+KV_TRANSFER_FAILURES = "pdserve_kv_transfer_failures_total"
+KV_TRANSFER_STAGED_BLOCKS = "pdserve_kv_transfer_staged_blocks"
+KV_TRANSFER_STAGED_REQUESTS = "pdserve_kv_transfer_staged_requests"
+KV_TRANSFER_LEASE_EXPIRATIONS = "pdserve_kv_transfer_lease_expirations_total"
+KV_TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class RouterMetrics:

@@ -26,7 +26,7 @@ from pdserve.deploy.local.pools import Pools
 from pdserve.deploy.local.probes import grpc_serving, http_ready
 from pdserve.errors import ConfigError, PdserveError
 from pdserve.kv_transfer.metadata import KvLayout
-from pdserve.kv_transfer.nixl import transport_for
+from pdserve.kv_transfer.registry import transport_for
 from pdserve.models import resolve_model
 
 # Room for a worker's NIXL side-channel ports (one per data-parallel rank).

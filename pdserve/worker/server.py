@@ -11,9 +11,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import REGISTRY
 
+from pdserve.config import KvTransport as KvTransportName
 from pdserve.config import WorkerConfig
 from pdserve.grpc_options import SERVER_OPTIONS
-from pdserve.kv_transfer.nixl import transport_for
+from pdserve.kv_transfer.grpc_metrics import KvTransferCollector
+from pdserve.kv_transfer.registry import transport_for
 from pdserve.metrics import WorkerMetrics, serve_metrics
 from pdserve.v1 import worker_pb2_grpc
 from pdserve.worker.engine import Engine
@@ -23,13 +25,25 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: WorkerConfig) -> None:
-    transport = transport_for(config.kv_transport.value, config.kv_lease_s)
+    transport = transport_for(
+        config.kv_transport.value, config.kv_lease_s, host=config.host, port=config.kv_port
+    )
     engine = Engine(config, transport)
     log.info("worker %s (%s): starting the vLLM engine", config.worker_id, config.role.value)
     engine.start()
     # vLLM registers its engine metrics on prometheus_client's process registry; ours
     # join them there so one /metrics endpoint shows both.
     metrics = WorkerMetrics(REGISTRY, config.role.value)
+    if config.kv_transport is KvTransportName.GRPC:
+        ec = config.engine
+        REGISTRY.register(
+            KvTransferCollector(
+                config.role.value,
+                config.host,
+                config.kv_port,
+                ec.tensor_parallel_size * ec.pipeline_parallel_size,
+            )
+        )
     serve_metrics(config.host, config.metrics_port, REGISTRY, role=config.role.value)
 
     servicer = WorkerServicer(config, engine, metrics)

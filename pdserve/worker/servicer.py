@@ -13,7 +13,14 @@ import grpc
 from pdserve import __version__
 from pdserve.config import Role, WorkerConfig
 from pdserve.decode_worker.stage import DecodeStage
-from pdserve.errors import InvalidRequestError, KvIncompatibleError, NoCapacityError, PdserveError
+from pdserve.errors import (
+    InvalidRequestError,
+    KvIncompatibleError,
+    KvTransferError,
+    NoCapacityError,
+    PdserveError,
+    WorkerError,
+)
 from pdserve.kv_transfer.wire import handle_to_proto, layout_to_proto
 from pdserve.metrics import WorkerMetrics
 from pdserve.prefill_worker.stage import PrefillStage
@@ -122,6 +129,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             msg = pb.WorkerGenerateResponse(
                 text=completion.text, token_ids=list(completion.token_ids)
             )
+            if out.finished and completion.finish_reason == "error":
+                # vLLM fails a request whose KV load failed (kv_load_failure_policy=fail).
+                if request.stage == pb.STAGE_DECODE:
+                    raise KvTransferError("the decode engine could not load the prompt's KV")
+                raise WorkerError(f"the engine failed request {request.request_id}")
             if out.finished:
                 msg.finish_reason = finish_reason_to_proto(completion.finish_reason)
                 msg.usage.CopyFrom(

@@ -11,7 +11,8 @@ import pytest
 from pdserve.decode_worker.stage import DecodeStage
 from pdserve.errors import InvalidRequestError, KvIncompatibleError, KvTransferError
 from pdserve.kv_transfer.metadata import KvLayout
-from pdserve.kv_transfer.nixl import NixlTransport, transport_for
+from pdserve.kv_transfer.nixl import NixlTransport
+from pdserve.kv_transfer.registry import transport_for
 from pdserve.kv_transfer.wire import handle_from_proto, handle_to_proto
 from pdserve.v1 import common_pb2
 

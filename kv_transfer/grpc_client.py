@@ -1,0 +1,119 @@
+"""The consumer side of the KvTransfer service: fetch slices, verify, confirm."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from pdserve.errors import KvIncompatibleError, KvTransferError
+from pdserve.kv_transfer.chunks import SliceAssembler
+from pdserve.kv_transfer.grpc_server import CHANNEL_OPTIONS
+from pdserve.v1 import kv_transfer_pb2 as pb
+from pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class SliceRequest:
+    """What one consumer rank wants from one producer rank."""
+
+    request_id: str
+    first_block: int
+    num_blocks: int
+    layers: tuple[int, ...]
+    head_start: int
+    head_count: int
+    chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class ConsumerLayout:
+    dtype: torch.dtype
+    block_size: int
+    head_size: int
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def failure_reason(error: Exception) -> str:
+    """A short, bounded label for the failures metric."""
+    from pdserve.errors import KvIntegrityError
+
+    if isinstance(error, KvIntegrityError):
+        return "checksum"
+    if isinstance(error, KvIncompatibleError):
+        return "incompatible"
+    if isinstance(error, grpc.RpcError):
+        code = error.code()
+        return code.name.lower() if code is not None else "rpc"
+    return "incomplete" if isinstance(error, KvTransferError) else "internal"
+
+
+class KvFetcher:
+    """Channels to producer ranks (one per address, reused) and the fetch logic."""
+
+    def __init__(self, layout: ConsumerLayout, timeout_s: float) -> None:
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self._channels: dict[str, pb_grpc.KvTransferStub] = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, target: str) -> pb_grpc.KvTransferStub:
+        with self._lock:
+            stub = self._channels.get(target)
+            if stub is None:
+                stub = pb_grpc.KvTransferStub(grpc.insecure_channel(target, CHANNEL_OPTIONS))
+                self._channels[target] = stub
+            return stub
+
+    def fetch(
+        self, target: str, want: SliceRequest
+    ) -> tuple[dict[tuple[int, int, int], torch.Tensor], int]:
+        """Slices keyed (layer, head_start, head_count), and the bytes received.
+
+        Raises KvIntegrityError on a checksum failure, KvIncompatibleError when the
+        producer refuses the layout, KvTransferError for anything else.
+        """
+        msg = pb.FetchRequest(
+            request_id=want.request_id,
+            first_block=want.first_block,
+            num_blocks=want.num_blocks,
+            layers=list(want.layers),
+            head_start=want.head_start,
+            head_count=want.head_count,
+            chunk_bytes=want.chunk_bytes,
+            dtype=self.layout.dtype_name,
+            block_size=self.layout.block_size,
+            head_size=self.layout.head_size,
+        )
+        assembler = SliceAssembler(want.num_blocks, self.layout.block_size, self.layout.dtype)
+        try:
+            for chunk in self._stub(target).Fetch(msg, timeout=self.timeout_s):
+                assembler.add(chunk)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise KvIncompatibleError(e.details() or "KV layout mismatch") from e
+            raise KvTransferError(
+                f"KV fetch from {target} failed: {e.code().name}: {e.details()}"
+            ) from e
+        return assembler.complete_slices(), assembler.bytes_received
+
+    def release(self, target: str, want: SliceRequest) -> bool:
+        """Confirm delivery so the producer frees its copy. Best effort: the lease backs it."""
+        try:
+            reply = self._stub(target).Release(
+                pb.ReleaseRequest(
+                    request_id=want.request_id,
+                    layers=list(want.layers),
+                    head_start=want.head_start,
+                    head_count=want.head_count,
+                ),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.freed)
