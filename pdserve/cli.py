@@ -113,6 +113,10 @@ def worker(
     kv_port: Annotated[
         int, typer.Option(help="NIXL side channel / gRPC KV server port (ranks: + rank)")
     ] = 5600,
+    kv_events_port: Annotated[
+        int | None,
+        typer.Option(help="publish vLLM KV cache events here (replay: the next port)"),
+    ] = None,
     kv_lease_s: float = 30.0,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
@@ -150,6 +154,7 @@ def worker(
         kv_port=kv_port,
         kv_lease_s=kv_lease_s,
         cpu_bind=cpu_bind,
+        kv_events_port=kv_events_port,
     )
     asyncio.run(serve(config))
 

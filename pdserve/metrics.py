@@ -26,6 +26,9 @@ from prometheus_client.registry import Collector
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+# Scheduling plugins run in microseconds; KV events arrive within milliseconds.
+SCHEDULING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05)
+EVENT_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # Admission waits: none at all (most requests) up to the queue timeout.
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -38,6 +41,16 @@ ROUTER_ROUTING = "pdserve_router_routing_decisions_total"
 ROUTER_WORKERS_HEALTHY = "pdserve_router_workers_healthy"
 ROUTER_PROMPT_TOKENS = "pdserve_router_prompt_tokens_total"
 ROUTER_GENERATION_TOKENS = "pdserve_router_generation_tokens_total"
+# Context-aware routing (router/scheduling, router/kv_index, router/planner).
+ROUTER_SCHEDULING_DECISIONS = "pdserve_router_scheduling_decisions_total"
+ROUTER_SCHEDULING_PLUGIN_SECONDS = "pdserve_router_scheduling_plugin_seconds"
+ROUTER_PREFIX_TOKENS = "pdserve_router_prefix_cache_tokens_total"
+ROUTER_PREFIX_REQUESTS = "pdserve_router_prefix_cache_requests_total"
+ROUTER_DISAGGREGATION = "pdserve_router_disaggregation_decisions_total"
+ROUTER_KV_INDEX_BLOCKS = "pdserve_router_kv_index_blocks"
+ROUTER_KV_EVENT_LAG = "pdserve_router_kv_event_lag_seconds"
+ROUTER_KV_EVENT_RESYNCS = "pdserve_router_kv_event_resyncs_total"
+ROUTER_KV_HASH_MISMATCHES = "pdserve_router_kv_event_hash_mismatches_total"
 ROUTER_QUEUE_TIME = "pdserve_router_queue_time_seconds"
 
 WORKER_REQUESTS = "pdserve_worker_requests_total"
@@ -107,6 +120,67 @@ class RouterMetrics:
         )
         self.generation_tokens = Counter(
             ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests.", registry=registry
+        )
+        self.routing_ctx = RoutingMetrics(registry)
+
+
+class RoutingMetrics:
+    """Context-aware routing: worker choice, prefix hits, the KV index and its events."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            ROUTER_SCHEDULING_DECISIONS,
+            "Worker choices by pool, policy and outcome (prefix_hit, no_prefix, no_candidate).",
+            ["pool", "policy", "outcome"],
+            registry=registry,
+        )
+        self.plugin_seconds = Histogram(
+            ROUTER_SCHEDULING_PLUGIN_SECONDS,
+            "Time spent in one scheduling plugin (filter, scorer or picker) per request.",
+            ["pool", "plugin"],
+            buckets=SCHEDULING_BUCKETS,
+            registry=registry,
+        )
+        self.prefix_tokens = Counter(
+            ROUTER_PREFIX_TOKENS,
+            "Prompt tokens the chosen worker already held (hit) or not (miss), per the index.",
+            ["pool", "result"],
+            registry=registry,
+        )
+        self.prefix_requests = Counter(
+            ROUTER_PREFIX_REQUESTS,
+            "Requests sent to a worker holding at least one block of the prompt (hit) or not.",
+            ["pool", "result"],
+            registry=registry,
+        )
+        self.disaggregation = Counter(
+            ROUTER_DISAGGREGATION,
+            "Colocated-or-disaggregated decisions, by decision and reason.",
+            ["decision", "reason"],
+            registry=registry,
+        )
+        self.index_blocks = Gauge(
+            ROUTER_KV_INDEX_BLOCKS,
+            "Distinct block hashes in the router's prefix index, by mode (events, approximate).",
+            ["mode"],
+            registry=registry,
+        )
+        self.event_lag = Histogram(
+            ROUTER_KV_EVENT_LAG,
+            "Time from a worker publishing a KV event batch to the router applying it.",
+            buckets=EVENT_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.event_resyncs = Counter(
+            ROUTER_KV_EVENT_RESYNCS,
+            "KV event stream resynchronisations (join, gap, replay_failed).",
+            ["reason"],
+            registry=registry,
+        )
+        self.hash_mismatches = Counter(
+            ROUTER_KV_HASH_MISMATCHES,
+            "Engine block hashes the router could not reproduce (hash algorithm or seed differ).",
+            registry=registry,
         )
         self.queue_time = Histogram(
             ROUTER_QUEUE_TIME,

@@ -21,7 +21,7 @@ from pdserve.router.api.http import build_http_app
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.discovery.static import StaticDiscovery
 from pdserve.router.planner import Planner
-from pdserve.router.scheduling.policy import make_policy
+from pdserve.router.routing import Routing
 from pdserve.router.service import GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
@@ -78,7 +78,8 @@ async def serve(config: RouterConfig) -> None:
     tokenizer = PromptTokenizer(config.model_path)
     pool = WorkerPool(config.served_model_name, config.worker_rpc_timeout_s, config.poll_interval_s)
     discovery = _discovery(config)
-    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
+    routing = Routing(config.scheduling, pool, metrics.routing_ctx, config.served_model_name)
+    planner = routing.planner
     service = GenerationService(
         config.served_model_name, pool, planner, metrics, DEFAULT_MAX_MODEL_LEN
     )
@@ -112,6 +113,7 @@ async def serve(config: RouterConfig) -> None:
     await asyncio.sleep(0)  # a static list is in the pool after one step: poll it at once
     await pool.poll_once()
     pool.start()
+    routing_task = asyncio.create_task(routing.run())
     await grpc_server.start()
     watcher = asyncio.create_task(_watch_health(pool, planner, metrics, health))
     http_task = asyncio.create_task(http.serve())
@@ -143,6 +145,8 @@ async def serve(config: RouterConfig) -> None:
     await asyncio.gather(http_task, grpc_server.stop(grace=10.0), return_exceptions=True)
     watcher.cancel()
     discovery_task.cancel()
+    routing_task.cancel()
+    await routing.close()
     await pool.close()
     if discovery_error is not None:
         raise RuntimeError(f"worker discovery failed: {discovery_error}") from discovery_error

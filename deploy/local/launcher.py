@@ -31,6 +31,8 @@ from pdserve.models import resolve_model
 
 # Room for a worker's NIXL side-channel ports (one per data-parallel rank).
 KV_PORTS_PER_WORKER = 8
+# The last two ports of a worker's KV range: vLLM KV cache events (PUB) and their replay.
+KV_EVENTS_PORT_OFFSET = 6
 STOP_TIMEOUT_S = 20.0
 START_TIMEOUT_S = 900.0
 
@@ -140,6 +142,8 @@ def worker_component(
         "--port", str(port),
         "--metrics-port", str(config.metrics_base_port + slot),
         "--kv-port", str(config.kv_base_port + slot * KV_PORTS_PER_WORKER),
+        "--kv-events-port",
+        str(config.kv_base_port + slot * KV_PORTS_PER_WORKER + KV_EVENTS_PORT_OFFSET),
         "--kv-lease-s", str(config.kv_lease_s),
         "--kv-transport", config.kv_transport.value,
         "--tensor-parallel-size", str(pool.tensor_parallel_size),

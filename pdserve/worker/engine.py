@@ -12,6 +12,10 @@ from pdserve.kv_transfer.base import KvTransport
 from pdserve.kv_transfer.metadata import KvLayout
 from pdserve.kv_transfer.vllm_patches import ENABLE_ENV as VLLM_PATCHES_ENV
 
+# Reproducible across processes (CBOR, not pickle): the router recomputes prompt block
+# hashes with it to match the engine's KV events (router/kv_index/hashing.py).
+PREFIX_CACHING_HASH_ALGO = "sha256_cbor"
+
 
 @dataclass
 class LoadSnapshot:
@@ -81,6 +85,18 @@ class Engine:
             kv_config = KVTransferConfig(
                 **self.transport.engine_kv_config(self.config.role, self.config.worker_id)
             )
+        kv_events = None
+        if self.config.kv_events_port is not None:
+            from vllm.config import KVEventsConfig
+
+            port = self.config.kv_events_port
+            kv_events = KVEventsConfig(
+                enable_kv_cache_events=True,
+                publisher="zmq",
+                # vLLM binds only wildcard PUB endpoints; the replay socket binds as given.
+                endpoint=f"tcp://*:{port}",
+                replay_endpoint=f"tcp://{self.config.host}:{port + 1}",
+            )
         args = AsyncEngineArgs(
             model=ec.model_path,
             served_model_name=[ec.served_model_name],
@@ -91,6 +107,9 @@ class Engine:
             enforce_eager=ec.eager,
             seed=ec.seed,
             kv_transfer_config=kv_config,
+            kv_events_config=kv_events,
+            enable_prefix_caching=True,
+            prefix_caching_hash_algo=PREFIX_CACHING_HASH_ALGO,
             disable_log_stats=False,
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_load_logger_factory(self.load)])
@@ -108,6 +127,7 @@ class Engine:
             head_size=int(mc.get_head_size()),
             tensor_parallel_size=int(pc.tensor_parallel_size),
             pipeline_parallel_size=int(pc.pipeline_parallel_size),
+            hash_algorithm=f"vllm-{vc.cache_config.prefix_caching_hash_algo}",
         )
 
     @property

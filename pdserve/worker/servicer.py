@@ -187,4 +187,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_transport=self.config.kv_transport.value,
         )
         layout_to_proto(self.engine.layout, info.kv_layout)
+        if self.config.kv_events_port is not None:
+            info.kv_events_endpoint = f"tcp://*:{self.config.kv_events_port}"
+            info.kv_events_replay_endpoint = f"tcp://*:{self.config.kv_events_port + 1}"
         return info

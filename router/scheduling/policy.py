@@ -1,60 +1,217 @@
-"""Choosing one worker among capable candidates.
+"""Choosing one worker: filters -> weighted scorers -> picker.
 
-A policy sees only healthy candidates of the right role and returns one of them. The
-context-aware policies (prefix overlap, KV events, transfer cost) plug in here.
+A ``Policy`` is one configuration of that pipeline; the named policies (``POLICIES``)
+are presets, and a YAML file or flags may reweight their scorers. Prefill and decode
+each get their own policy; P/D is a configuration of the same pipeline, not a second
+code path.
 """
 
 from __future__ import annotations
 
-import abc
-import itertools
-from collections.abc import Sequence
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-from pdserve.errors import ConfigError
+from pdserve.config import PolicyConfig
+from pdserve.errors import ConfigError, NoCapacityError
+from pdserve.metrics import RoutingMetrics
+from pdserve.router.kv_index.lookup import PrefixLookup
+from pdserve.router.scheduling.cost import TransferCostModel
+from pdserve.router.scheduling.filters import (
+    Filter,
+    HealthyFilter,
+    KvCompatFilter,
+    ModelFilter,
+    RoleFilter,
+)
+from pdserve.router.scheduling.pickers import (
+    MaxScorePicker,
+    Picker,
+    RandomPicker,
+    RoundRobinPicker,
+)
+from pdserve.router.scheduling.request import SchedulingRequest
+from pdserve.router.scheduling.scorers import (
+    KvUsageScorer,
+    PrefixScorer,
+    QueueScorer,
+    RunningScorer,
+    Scorer,
+    SessionAffinityScorer,
+    TransferCostScorer,
+)
 from pdserve.router.workers import WorkerClient
 
 
-class Policy(abc.ABC):
-    name: str
-
-    @abc.abstractmethod
-    def pick(
-        self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]
-    ) -> WorkerClient:
-        """Return one of ``candidates`` (never empty)."""
-
-
-class RoundRobin(Policy):
-    name = "round_robin"
-
-    def __init__(self) -> None:
-        self._counter = itertools.count()
-
-    def pick(
-        self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]
-    ) -> WorkerClient:
-        return candidates[next(self._counter) % len(candidates)]
+@dataclass(frozen=True)
+class Pick:
+    worker: WorkerClient
+    score: float
+    # Leading prompt tokens the worker holds, per this policy's prefix lookup (0: none
+    # or the policy does not look).
+    cached_tokens: int
 
 
-class LeastLoad(Policy):
-    """Fewest requests in flight from this router, then fewest running/waiting on the worker."""
+class Policy:
+    def __init__(
+        self,
+        name: str,
+        filters: Sequence[Filter],
+        scorers: Sequence[tuple[Scorer, float]],
+        picker: Picker,
+        lookup: PrefixLookup | None = None,
+        metrics: RoutingMetrics | None = None,
+        pool: str = "",
+    ) -> None:
+        self.name = name
+        self.filters = list(filters)
+        self.scorers = [(s, w) for s, w in scorers if w > 0]
+        self.picker = picker
+        self.lookup = lookup
+        self.metrics = metrics
+        self.pool = pool
 
-    name = "least_load"
+    def eligible(
+        self, workers: Sequence[WorkerClient], request: SchedulingRequest
+    ) -> list[WorkerClient]:
+        candidates = list(workers)
+        for f in self.filters:
+            started = time.perf_counter()
+            candidates = f.filter(candidates, request)
+            self._timed(f.name, started)
+            if not candidates:
+                break
+        return candidates
 
-    def pick(
-        self, candidates: Sequence[WorkerClient], prompt_token_ids: Sequence[int]
-    ) -> WorkerClient:
-        return min(
-            candidates,
-            key=lambda w: (w.in_flight, w.load.running_requests + w.load.waiting_requests),
-        )
+    def pick(self, workers: Sequence[WorkerClient], request: SchedulingRequest) -> Pick:
+        """Filter, score and pick among ``workers``; NoCapacityError if none is eligible.
+        Call ``commit`` once the pick is final."""
+        candidates = self.eligible(workers, request)
+        if not candidates:
+            if self.metrics is not None:
+                self.metrics.decisions.labels(self.pool, self.name, "no_candidate").inc()
+            raise NoCapacityError("no healthy worker can serve this request; retry later")
+        return self.choose(candidates, request)
+
+    def choose(self, candidates: Sequence[WorkerClient], request: SchedulingRequest) -> Pick:
+        """Score and pick among already filtered, non-empty ``candidates``."""
+        totals = [0.0] * len(candidates)
+        for scorer, weight in self.scorers:
+            started = time.perf_counter()
+            for i, s in enumerate(scorer.score(candidates, request)):
+                totals[i] += weight * s
+            self._timed(scorer.name, started)
+        started = time.perf_counter()
+        chosen = self.picker.pick(totals)
+        self._timed(self.picker.name, started)
+        worker = candidates[chosen]
+        cached = 0
+        if self.lookup is not None:
+            cached = request.matched_tokens(self.lookup).get(worker.address, 0)
+        return Pick(worker, totals[chosen], cached)
+
+    def commit(self, pick: Pick, request: SchedulingRequest) -> None:
+        """The request goes to ``pick.worker``: stateful scorers learn, metrics count."""
+        for scorer, _ in self.scorers:
+            scorer.picked(pick.worker, request)
+        if self.metrics is None:
+            return
+        hit = pick.cached_tokens > 0
+        outcome = "prefix_hit" if hit else "no_prefix"
+        self.metrics.decisions.labels(self.pool, self.name, outcome).inc()
+        if self.lookup is not None:
+            m = self.metrics
+            m.prefix_requests.labels(self.pool, "hit" if hit else "miss").inc()
+            m.prefix_tokens.labels(self.pool, "hit").inc(pick.cached_tokens)
+            m.prefix_tokens.labels(self.pool, "miss").inc(request.prompt_len - pick.cached_tokens)
+            m.index_blocks.labels(self.lookup.mode).set(self.lookup.index.size)
+
+    def _timed(self, plugin: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.plugin_seconds.labels(self.pool, plugin).observe(
+                time.perf_counter() - started
+            )
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (RoundRobin, LeastLoad)}
+@dataclass(frozen=True)
+class Preset:
+    """A named policy: default scorer weights, picker, and which prefix index it reads."""
+
+    weights: Mapping[str, float]
+    picker: str = "max_score"
+    lookup: str | None = None  # "events" | "approximate" | None
 
 
-def make_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ConfigError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}") from None
+_LOAD = {"queue": 1.0, "running": 1.0, "kv_usage": 0.5}
+POLICIES: dict[str, Preset] = {
+    "round_robin": Preset({}, picker="round_robin"),
+    "random": Preset({}, picker="random"),
+    "least_load": Preset(_LOAD),
+    "prefix": Preset({"prefix": 2.0, **_LOAD}, lookup="approximate"),
+    "kv_aware": Preset({"prefix": 2.0, **_LOAD}, lookup="events"),
+    "session": Preset({"session": 4.0, **_LOAD}),
+}
+SCORER_NAMES = ("prefix", "queue", "running", "kv_usage", "transfer", "session")
+
+
+@dataclass
+class PolicyDeps:
+    """What policies share: the model (filter), both prefix lookups, the cost model,
+    metrics and a random source (seed it for reproducible tie-breaking)."""
+
+    model_id: str | None
+    events: PrefixLookup | None = None
+    approximate: PrefixLookup | None = None
+    cost: TransferCostModel | None = None
+    metrics: RoutingMetrics | None = None
+    rng: random.Random | None = None
+
+
+def build_policy(config: PolicyConfig, pool: str, deps: PolicyDeps) -> Policy:
+    preset = POLICIES.get(config.name)
+    if preset is None:
+        raise ConfigError(f"unknown policy {config.name!r}; available: {', '.join(POLICIES)}")
+    unknown = set(config.weights) - set(SCORER_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown scorers {sorted(unknown)}; available: {SCORER_NAMES}")
+    weights = {**preset.weights, **config.weights}
+    lookup_name = preset.lookup or ("events" if weights.get("prefix") else None)
+    lookup = {"events": deps.events, "approximate": deps.approximate}.get(lookup_name or "")
+    needs_lookup = bool(weights.get("prefix") or weights.get("transfer"))
+    if needs_lookup and lookup is None:
+        raise ConfigError(f"policy {config.name!r} needs a prefix index the router has not got")
+    rng = deps.rng or random.Random()
+    cost = deps.cost or TransferCostModel()
+    makers: dict[str, Callable[[], Scorer]] = {
+        "prefix": lambda: PrefixScorer(lookup),  # type: ignore[arg-type]
+        "queue": QueueScorer,
+        "running": RunningScorer,
+        "kv_usage": KvUsageScorer,
+        "transfer": lambda: TransferCostScorer(lookup, cost),  # type: ignore[arg-type]
+        "session": SessionAffinityScorer,
+    }
+    scorers = [(makers[n](), w) for n, w in weights.items() if w > 0]
+    pickers: dict[str, Callable[[], Picker]] = {
+        "round_robin": RoundRobinPicker,
+        "random": lambda: RandomPicker(rng),
+        "max_score": lambda: MaxScorePicker(config.temperature, rng),
+    }
+    filters: list[Filter] = [HealthyFilter(), RoleFilter()]
+    if deps.model_id is not None:
+        filters.append(ModelFilter(deps.model_id))
+    filters.append(KvCompatFilter())
+    return Policy(
+        config.name,
+        filters,
+        scorers,
+        pickers[preset.picker](),
+        lookup if needs_lookup else None,
+        deps.metrics,
+        pool,
+    )
+
+
+def make_policy(name: str, deps: PolicyDeps | None = None, pool: str = "") -> Policy:
+    """A named policy with its default weights."""
+    return build_policy(PolicyConfig(name), pool, deps or PolicyDeps(model_id=None))

@@ -16,7 +16,7 @@ from pdserve.metrics import RouterMetrics
 from pdserve.models import resolve_model
 from pdserve.router.api.http import build_http_app
 from pdserve.router.planner import Planner
-from pdserve.router.scheduling.policy import LeastLoad, RoundRobin
+from pdserve.router.scheduling.policy import make_policy
 from pdserve.router.service import GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
@@ -48,7 +48,7 @@ async def setup(tokenizer: PromptTokenizer) -> AsyncIterator[Setup]:
     pool.add([daddr], Role.DECODE)
     await pool.poll_once()
     metrics = RouterMetrics(CollectorRegistry())
-    planner = Planner(pool, RoundRobin(), LeastLoad())
+    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
     service = GenerationService(MODEL, pool, planner, metrics, default_max_model_len=64)
     app = build_http_app(service, tokenizer, metrics.registry, planner.can_serve, 1024)
     transport = httpx.ASGITransport(app=app)
