@@ -28,6 +28,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
 ]
 REAP_INTERVAL_S = 0.25
+# Set to 1 in a worker's environment to allow the InjectFault test hook.
+FAULT_INJECTION_ENV = "PDSERVE_KV_FAULT_INJECTION"
 
 
 @dataclass(frozen=True)

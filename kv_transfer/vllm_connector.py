@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from pdserve.kv_transfer.chunks import DEFAULT_CHUNK_BYTES
 from pdserve.kv_transfer.grpc_client import ConsumerLayout, KvFetcher, SliceRequest, failure_reason
-from pdserve.kv_transfer.grpc_server import KvTransferServer, RankLayout
+from pdserve.kv_transfer.grpc_server import FAULT_INJECTION_ENV, KvTransferServer, RankLayout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FAULT_INJECTION_ENV = "PDSERVE_KV_FAULT_INJECTION"
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 

@@ -210,5 +210,32 @@ def compare(
         raise typer.Exit(1)
 
 
+@bench_app.command("kv-transfer")
+def kv_transfer(
+    size_mib: Annotated[
+        list[int] | None, typer.Option(help="transfer size in MiB (repeat; default 1..256)")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="timed transfers per size")] = 10,
+    chunk_bytes: Annotated[int, typer.Option(help="gRPC chunk size")] = 4 * 1024 * 1024,
+    port: Annotated[int, typer.Option(help="loopback port of the gRPC server")] = 32700,
+    nixl: Annotated[bool, typer.Option(help="also measure NIXL (UCX) in the same run")] = True,
+    out: Annotated[Path | None, typer.Option(help="output folder (JSON + PNG)")] = None,
+) -> None:
+    """KV transfer on loopback: pdserve's gRPC transport vs NIXL, GB/s and latency."""
+    from pdserve.bench.kv_transfer import run
+
+    sizes = size_mib or [1, 4, 16, 64, 256]
+    out_dir = _out_dir(out)
+    results = run(out_dir, sizes, repeats, port, chunk_bytes, nixl)
+    console = Console()
+    for r in results:
+        console.print(
+            f"{r.transport:5} {r.size_bytes >> 20:4d} MiB  {r.gbps_median:6.2f} GB/s  "
+            f"p50 {r.latency_p50_s * 1000:8.2f} ms  p90 {r.latency_p90_s * 1000:8.2f} ms  "
+            f"p99 {r.latency_p99_s * 1000:8.2f} ms"
+        )
+    console.print(f"wrote {out_dir / 'kv_transfer.json'} and {out_dir / 'kv_transfer.png'}")
+
+
 if __name__ == "__main__":
     bench_app()
