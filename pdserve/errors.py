@@ -19,6 +19,10 @@ class PdserveError(Exception):
         self.message = message
         self.param = param
 
+    def http_headers(self) -> dict[str, str]:
+        """Extra HTTP response headers for this error (e.g. Retry-After)."""
+        return {}
+
     def to_openai(self) -> dict[str, object]:
         return {
             "error": {
@@ -56,6 +60,32 @@ class NoCapacityError(PdserveError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     openai_type = "service_unavailable"
+
+
+class OverloadedError(PdserveError):
+    """The router is at its admission limits; the client should retry after a pause."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class UnauthenticatedError(PdserveError):
+    """No API key, or not one of the configured keys."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    openai_type = "authentication_error"
+
+    def http_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class WorkerError(PdserveError):

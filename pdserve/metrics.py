@@ -41,6 +41,11 @@ ROUTER_ROUTING = "pdserve_router_routing_decisions_total"
 ROUTER_WORKERS_HEALTHY = "pdserve_router_workers_healthy"
 ROUTER_PROMPT_TOKENS = "pdserve_router_prompt_tokens_total"
 ROUTER_GENERATION_TOKENS = "pdserve_router_generation_tokens_total"
+ROUTER_BREAKER_STATE = "pdserve_router_worker_circuit_state"
+ROUTER_RETRIES = "pdserve_router_retries_total"
+ROUTER_MIGRATIONS = "pdserve_router_migrations_total"
+ROUTER_REJECTED = "pdserve_router_rejected_requests_total"
+ROUTER_QUEUED = "pdserve_router_requests_queued"
 # Context-aware routing (router/scheduling, router/kv_index, router/planner).
 ROUTER_SCHEDULING_DECISIONS = "pdserve_router_scheduling_decisions_total"
 ROUTER_SCHEDULING_PLUGIN_SECONDS = "pdserve_router_scheduling_plugin_seconds"
@@ -120,6 +125,35 @@ class RouterMetrics:
         )
         self.generation_tokens = Counter(
             ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests.", registry=registry
+        )
+        self.breaker_state = Gauge(
+            ROUTER_BREAKER_STATE,
+            "Per-worker circuit breaker: 0 closed, 1 half-open (awaiting its probe), 2 open.",
+            ["worker", "role"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            ROUTER_RETRIES,
+            "Attempts repeated after a worker failed before the first token, by failed stage "
+            "and where the retry went (another worker, or colocated as the last resort).",
+            ["stage", "target"],
+            registry=registry,
+        )
+        self.migrations = Counter(
+            ROUTER_MIGRATIONS,
+            "Streams moved to another decode worker after their first token, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            ROUTER_REJECTED,
+            "Requests refused before any worker was touched, by reason "
+            "(overload, queue_timeout, rate_limit, unauthenticated).",
+            ["reason"],
+            registry=registry,
+        )
+        self.queued = Gauge(
+            ROUTER_QUEUED, "Requests waiting for an admission slot.", registry=registry
         )
         self.routing_ctx = RoutingMetrics(registry)
 

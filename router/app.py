@@ -18,6 +18,7 @@ from pdserve.grpc_options import SERVER_OPTIONS
 from pdserve.metrics import RouterMetrics
 from pdserve.router.api.grpc import InferenceServicer
 from pdserve.router.api.http import build_http_app
+from pdserve.router.auth import ApiKeys, GrpcAuthInterceptor
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.discovery.static import StaticDiscovery
 from pdserve.router.planner import Planner
@@ -40,6 +41,8 @@ async def _watch_health(
     while True:
         for role in Role:
             metrics.workers_healthy.labels(role.value).set(len(pool.healthy(role)))
+        for w in pool.workers:
+            metrics.breaker_state.labels(w.address, w.role.value).set(w.breaker.state)
         now = planner.can_serve()
         if now != serving:
             status = (
@@ -76,15 +79,29 @@ async def serve(config: RouterConfig) -> None:
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry)
     tokenizer = PromptTokenizer(config.model_path)
-    pool = WorkerPool(config.served_model_name, config.worker_rpc_timeout_s, config.poll_interval_s)
+    pool = WorkerPool(
+        config.served_model_name,
+        config.worker_rpc_timeout_s,
+        config.poll_interval_s,
+        health=config.health,
+    )
     discovery = _discovery(config)
     routing = Routing(config.scheduling, pool, metrics.routing_ctx, config.served_model_name)
     planner = routing.planner
     service = GenerationService(
-        config.served_model_name, pool, planner, metrics, DEFAULT_MAX_MODEL_LEN
+        config.served_model_name,
+        pool,
+        planner,
+        metrics,
+        DEFAULT_MAX_MODEL_LEN,
+        retry=config.retry,
+        admission=config.admission,
+        decoder=tokenizer,
     )
 
-    grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+    keys = ApiKeys(config.auth, metrics)
+    interceptors = [GrpcAuthInterceptor(keys)] if keys.enabled else []
+    grpc_server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(service, tokenizer), grpc_server
     )
@@ -101,6 +118,8 @@ async def serve(config: RouterConfig) -> None:
     grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
 
     app = build_http_app(service, tokenizer, registry, planner.can_serve, config.max_body_bytes)
+    if keys.enabled:
+        app.middleware("http")(keys.http_middleware())
     http = uvicorn.Server(
         uvicorn.Config(
             app, host=config.http_host, port=config.http_port, log_level="warning", lifespan="off"

@@ -6,26 +6,32 @@ HTTP and gRPC front ends translate their requests into a ``GenerateCall`` and st
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
+from pdserve.config import AdmissionConfig, RetryConfig
 from pdserve.errors import (
     ContextLengthError,
     InvalidRequestError,
     KvTransferError,
     ModelNotFoundError,
     NoCapacityError,
+    PdserveError,
     WorkerError,
     from_grpc_error,
 )
 from pdserve.metrics import RouterMetrics
+from pdserve.router.admission import Admission
 from pdserve.router.first_transfer import FirstTransferGate
+from pdserve.router.migration import TextDecoder
 from pdserve.router.planner import Mode, Plan, Planner
+from pdserve.router.retry import Attempt, Failover, FailoverState, WorkerFailure
 from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.sampling import FINISH_REASON_NAMES
 from pdserve.v1 import common_pb2 as cpb
@@ -61,6 +67,9 @@ class GenerationService:
         planner: Planner,
         metrics: RouterMetrics,
         default_max_model_len: int,
+        retry: RetryConfig | None = None,
+        admission: AdmissionConfig | None = None,
+        decoder: TextDecoder | None = None,
     ) -> None:
         self.model_id = model_id
         self.pool = pool
@@ -68,6 +77,9 @@ class GenerationService:
         self.metrics = metrics
         self.default_max_model_len = default_max_model_len
         self.first_transfers = FirstTransferGate()
+        # decoder: the router's tokenizer, for exact text after a migration.
+        self.failover = Failover(retry or RetryConfig(), planner, metrics, decoder)
+        self.admission = Admission(admission or AdmissionConfig(), metrics)
 
     @property
     def max_model_len(self) -> int:
@@ -104,37 +116,49 @@ class GenerationService:
         return max_tokens
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
+        """Admit, plan, run; on a worker failure retry, fall back or migrate (retry.py)."""
+        async with self.admission.admitted():
+            async for delta in self._generate(call):
+                yield delta
+
+    async def _generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
         plan = self.planner.plan(call.prompt_token_ids)
         self.metrics.routing.labels(plan.mode.value).inc()
+        self.admission.check_worker(plan.decode)
+        state = FailoverState()
+        attempt = Attempt(plan, call)
+        while True:
+            try:
+                async with contextlib.aclosing(self._attempt(attempt)) as deltas:
+                    async for delta in deltas:
+                        if attempt.continuation is not None:
+                            delta = attempt.continuation.feed(delta)
+                        state.progress.add(delta)
+                        yield delta
+                        if delta.finish_reason is not None:
+                            return  # a migrated stream may end here on a stop string
+                return
+            except WorkerFailure as failure:
+                attempt = await self.failover.next_attempt(attempt, failure, state)
+                if attempt.last_resort:
+                    self.metrics.routing.labels(FALLBACK_COLOCATED).inc()
+
+    async def _attempt(self, attempt: Attempt) -> AsyncGenerator[Delta, None]:
+        """One try on the plan's workers; a worker's failure raises ``WorkerFailure``."""
+        plan, call = attempt.plan, attempt.call
         workers = [w for w in (plan.prefill, plan.decode) if w is not None]
         for w in workers:
             w.in_flight += 1
         try:
             if plan.mode is Mode.DISAGGREGATED:
-                streamed = False
-                try:
-                    async for delta in self._disaggregated(plan, call):
-                        streamed = True
-                        yield delta
-                    return
-                except (KvTransferError, NoCapacityError, WorkerError) as e:
-                    if streamed:
-                        raise
-                    # Nothing reached the client yet: the decode worker can still serve
-                    # the request alone, recomputing the prompt instead of pulling it.
-                    log.warning(
-                        "request %s: disaggregated path failed before the first token (%s); "
-                        "retrying colocated on %s",
-                        call.request_id,
-                        e.message,
-                        plan.decode.name,
-                    )
-                    self.metrics.routing.labels(FALLBACK_COLOCATED).inc()
-                    plan = Plan(Mode.COLOCATED, decode=plan.decode)
-                    call = dataclasses.replace(call, request_id=call.request_id + "-colocated")
-            request = self._worker_request(call, pb.STAGE_FULL)
-            async for delta in self._stream(plan, request, call):
+                deltas = self._disaggregated(plan, call)
+            else:
+                deltas = self._stream(plan, self._worker_request(call, pb.STAGE_FULL), call)
+            async for delta in deltas:
                 yield delta
+        except KvTransferError as e:  # the prefill worker's handle failed the router's checks
+            worker = plan.prefill or plan.decode
+            raise WorkerFailure(worker, "prefill", e, unreachable=False) from e
         finally:
             for w in workers:
                 w.in_flight -= 1
@@ -211,15 +235,49 @@ class GenerationService:
         """Stream from a worker; errors become typed errors; leaving early cancels the call
         (the worker then aborts the request and frees its KV blocks)."""
         call = worker.stub.Generate(request)
+        # A hung worker answers nothing: its circuit breaker opening ends the call.
+        trip = worker.breaker.watch(call.cancel)
         try:
             async for msg in call:
                 yield msg
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                log.warning("worker %s failed request %s: %s", worker.name, request.request_id, e)
-                raise NoCapacityError(
-                    f"worker {worker.name} is unavailable ({e.details()}); retry the request"
-                ) from e
-            raise from_grpc_error(e.code(), e.details() or "") from e
+            raise self._failure(worker, request, e) from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if trip.fired and (task is None or not task.cancelling()):
+                error = WorkerError(f"worker {worker.name} stopped answering (circuit open)")
+                raise WorkerFailure(worker, _stage_name(request), error, unreachable=True) from None
+            raise
         finally:
+            trip.close()
             call.cancel()
+
+    @staticmethod
+    def _failure(
+        worker: WorkerClient, request: pb.WorkerGenerateRequest, e: grpc.aio.AioRpcError
+    ) -> PdserveError | WorkerFailure:
+        """The typed error for a failed worker call: a ``WorkerFailure`` (failover may
+        help) or the worker's verdict on the request itself (e.g. invalid, incompatible)."""
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.warning("worker %s failed request %s: %s", worker.name, request.request_id, e)
+            error: PdserveError = NoCapacityError(
+                f"worker {worker.name} is unavailable ({e.details()}); retry the request"
+            )
+        else:
+            error = from_grpc_error(e.code(), e.details() or "")
+        if not isinstance(error, NoCapacityError | WorkerError | KvTransferError):
+            return error
+        # A live worker that reported an error keeps its channel READY; a dead or hung one
+        # does not (or missed the deadline). Only those count against its circuit breaker.
+        state = worker.channel.get_state(try_to_connect=False)
+        unreachable = (
+            e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            or state is not grpc.ChannelConnectivity.READY
+        )
+        if unreachable:
+            worker.breaker.record_failure(f"request failed: {e.code().name}")
+        return WorkerFailure(worker, _stage_name(request), error, unreachable=unreachable)
+
+
+def _stage_name(request: pb.WorkerGenerateRequest) -> str:
+    return pb.Stage.Name(request.stage).removeprefix("STAGE_").lower()

@@ -38,6 +38,12 @@ class PromptTokenizer:
             raise InvalidRequestError(f"the chat template rejected the messages: {e}") from e
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text as vLLM's incremental detokenizer renders it: the tokenizers library's own
+        decoder, special tokens skipped, no clean-up of spaces (router/migration.py)."""
+        text: str = self._tok.backend_tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return text
+
     def check_token_ids(self, token_ids: Sequence[int]) -> list[int]:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.config import Role
+from pdserve.config import HealthConfig, Role
 from pdserve.grpc_options import CHANNEL_OPTIONS
+from pdserve.router.health import CircuitBreaker
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.v1 import worker_pb2_grpc
 
@@ -40,11 +41,17 @@ class WorkerClient:
     load: pb.LoadReport = field(default_factory=pb.LoadReport)
     in_flight: int = 0  # requests this router has on the worker now
     failed_polls: int = 0  # consecutive polls without an answer
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @classmethod
     def connect(cls, address: str, role: Role) -> WorkerClient:
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return cls(address, role, channel, worker_pb2_grpc.WorkerStub(channel))
+
+    @property
+    def routable(self) -> bool:
+        """May get new requests: answers its health checks and its circuit is closed."""
+        return self.healthy and self.breaker.allows_traffic()
 
     @property
     def name(self) -> str:
@@ -60,7 +67,9 @@ class WorkerPool:
         rpc_timeout_s: float,
         poll_interval_s: float,
         unhealthy_after_failed_polls: int = 3,
+        health: HealthConfig | None = None,
     ) -> None:
+        self.health = health or HealthConfig()
         self.model_id = model_id
         # One slow poll on a busy machine is not an outage: only consecutive misses count.
         self.unhealthy_after_failed_polls = unhealthy_after_failed_polls
@@ -72,7 +81,9 @@ class WorkerPool:
 
     def add(self, addresses: Iterable[str], role: Role) -> None:
         for address in addresses:
-            self.workers.append(WorkerClient.connect(address, role))
+            client = WorkerClient.connect(address, role)
+            client.breaker = CircuitBreaker(self.health, name=address)
+            self.workers.append(client)
 
     def remove(self, address: str, role: Role | None = None) -> None:
         """Stop routing to the worker at ``address`` (of ``role``, if given) now and close
@@ -90,7 +101,7 @@ class WorkerPool:
             task.add_done_callback(self._closing.discard)
 
     def healthy(self, *roles: Role) -> list[WorkerClient]:
-        return [w for w in self.workers if w.healthy and w.role in roles]
+        return [w for w in self.workers if w.routable and w.role in roles]
 
     @property
     def max_model_len(self) -> int | None:
@@ -114,10 +125,15 @@ class WorkerPool:
                 log.info(
                     "worker %s at %s joined as %s", info.worker_id, worker.address, worker.role
                 )
-            worker.load = await worker.stub.GetLoad(pb.GetLoadRequest(), timeout=self.rpc_timeout_s)
+            # The health check's own deadline: a hung worker misses it (circuit breaker).
+            worker.load = await worker.stub.GetLoad(
+                pb.GetLoadRequest(), timeout=self.health.check_timeout_s
+            )
+            worker.breaker.record_success()
             worker.failed_polls = 0
             worker.healthy = not worker.load.draining
         except grpc.aio.AioRpcError as e:
+            worker.breaker.record_failure(f"health check: {e.code().name}")
             worker.failed_polls += 1
             if worker.failed_polls < self.unhealthy_after_failed_polls:
                 return

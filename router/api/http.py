@@ -23,7 +23,7 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 def _error_response(err: PdserveError) -> JSONResponse:
-    return JSONResponse(err.to_openai(), status_code=err.http_status)
+    return JSONResponse(err.to_openai(), status_code=err.http_status, headers=err.http_headers())
 
 
 def _usage_json(usage: cpb.Usage | None) -> dict[str, Any] | None:
