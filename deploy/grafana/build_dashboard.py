@@ -335,6 +335,12 @@ def routing() -> list[Any]:
             ],
             "How evenly the router spreads load.",
         ),
+        percentiles(
+            "Admission queue time (router)",
+            "pdserve_router_queue_time_seconds",
+            description="From arrival to admission: waiting for a free slot when the router "
+            "runs its in-flight limit.",
+        ),
     ]
 
 
