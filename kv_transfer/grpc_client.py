@@ -47,8 +47,9 @@ def failure_reason(error: Exception) -> str:
         return "checksum"
     if isinstance(error, KvIncompatibleError):
         return "incompatible"
-    if isinstance(error, grpc.RpcError):
-        code = error.code()
+    rpc = error if isinstance(error, grpc.RpcError) else error.__cause__
+    if isinstance(rpc, grpc.RpcError):
+        code = rpc.code()  # e.g. not_found (lease expired), unavailable, deadline_exceeded
         return code.name.lower() if code is not None else "rpc"
     return "incomplete" if isinstance(error, KvTransferError) else "internal"
 

@@ -10,7 +10,12 @@ import torch
 
 from pdserve.errors import KvIncompatibleError, KvIntegrityError, KvTransferError
 from pdserve.kv_transfer.chunks import SliceAssembler, slice_chunks
-from pdserve.kv_transfer.grpc_client import ConsumerLayout, KvFetcher, SliceRequest
+from pdserve.kv_transfer.grpc_client import (
+    ConsumerLayout,
+    KvFetcher,
+    SliceRequest,
+    failure_reason,
+)
 from pdserve.kv_transfer.grpc_metrics import families, merge
 from pdserve.kv_transfer.grpc_server import KvTransferServer, RankLayout
 from pdserve.kv_transfer.grpc_transport import GrpcTransport
@@ -232,3 +237,13 @@ def test_transport_round_trip() -> None:
     }
     with pytest.raises(KvTransferError):
         transport.handle_from_prefill({"remote_host": "x"}, layout, 40, now_ms=0)
+
+
+def test_failure_reasons_are_bounded_labels(server: KvTransferServer) -> None:
+    fetcher = KvFetcher(ConsumerLayout(torch.float32, BLOCK, HEAD), timeout_s=10)
+    with pytest.raises(KvTransferError) as info:
+        fetcher.fetch(f"127.0.0.1:{server.port}", SliceRequest("gone", 0, 1, (0,), 0, 1, 4096))
+    assert failure_reason(info.value) == "not_found"
+    assert failure_reason(KvIntegrityError("x")) == "checksum"
+    assert failure_reason(KvIncompatibleError("x")) == "incompatible"
+    assert failure_reason(KvTransferError("x")) == "incomplete"
