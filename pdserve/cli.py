@@ -288,9 +288,11 @@ def prepare_model(
 
 
 def _register_subcommands() -> None:
+    from pdserve.autoscale.cli import planner
     from pdserve.bench.cli import bench_app
 
     app.add_typer(bench_app, name="bench")
+    app.command()(planner)
 
 
 _register_subcommands()
