@@ -14,12 +14,15 @@ import typer
 
 from pdserve.config import (
     ClusterConfig,
+    DisaggregationMode,
     DiscoveryConfig,
     DiscoveryMode,
     EngineConfig,
+    PolicyConfig,
     PoolConfig,
     Role,
     RouterConfig,
+    SchedulingConfig,
     WorkerConfig,
 )
 from pdserve.errors import ConfigError
@@ -69,6 +72,8 @@ def up(
     control_port: Annotated[
         int, typer.Option(help="control endpoint on 127.0.0.1 (`pdserve scale`)")
     ] = 50050,
+    policy: PolicyOption = None,
+    disaggregation: DisaggregationOption = None,
 ) -> None:
     """Start a router and prefill/decode workers on this machine, in the foreground."""
     from pdserve.config import KvTransport
@@ -91,6 +96,8 @@ def up(
         kv_transport=KvTransport(kv_transport),
         kv_lease_s=kv_lease_s,
         control_port=control_port,
+        policy=policy,
+        disaggregation=disaggregation,
     )
     try:
         code = run_cluster(config, log_dir)
@@ -187,6 +194,50 @@ def _discovery_config(
         raise typer.BadParameter(e.message, param_hint="--config") from e
 
 
+PolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        help="worker choice: round_robin, random, least_load, prefix, kv_aware, session "
+        "(default kv_aware; the config file's scheduling section can reweight them)"
+    ),
+]
+DisaggregationOption = Annotated[
+    str | None,
+    typer.Option(help="always | never | auto (per request, by the transfer-cost model)"),
+]
+
+
+def _scheduling_config(
+    config_file: Path | None,
+    prefill_policy: str | None,
+    decode_policy: str | None,
+    disaggregation: str | None,
+) -> SchedulingConfig:
+    """The config file's ``scheduling`` section; flags win over it."""
+    import yaml
+
+    from pdserve.router.scheduling.policy import POLICIES
+
+    doc = yaml.safe_load(config_file.read_text()) if config_file is not None else None
+    section = (doc or {}).get("scheduling") or {} if isinstance(doc, dict) else {}
+    try:
+        parsed = SchedulingConfig.from_dict(section)
+        if prefill_policy:
+            parsed = dataclasses.replace(parsed, prefill=PolicyConfig(prefill_policy))
+        if decode_policy:
+            parsed = dataclasses.replace(parsed, decode=PolicyConfig(decode_policy))
+        if disaggregation:
+            mode = DisaggregationMode(disaggregation)
+            split = dataclasses.replace(parsed.disaggregation, mode=mode)
+            parsed = dataclasses.replace(parsed, disaggregation=split)
+    except (ConfigError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--config / --policy") from e
+    for name in (parsed.prefill.name, parsed.decode.name):
+        if name not in POLICIES:
+            raise typer.BadParameter(f"unknown policy {name!r}; use one of {', '.join(POLICIES)}")
+    return parsed
+
+
 @app.command()
 def router(
     model: Annotated[
@@ -217,6 +268,10 @@ def router(
         Path | None,
         typer.Option("--config", help="router.yaml: its discovery section (Helm ConfigMap)"),
     ] = None,
+    policy: PolicyOption = None,
+    prefill_policy: Annotated[str | None, typer.Option(help="for prefill; over --policy")] = None,
+    decode_policy: Annotated[str | None, typer.Option(help="for decode; over --policy")] = None,
+    disaggregation: DisaggregationOption = None,
     http_host: str = "127.0.0.1",
     http_port: int = 8000,
     grpc_host: str = "127.0.0.1",
@@ -246,6 +301,9 @@ def router(
         grpc_host=grpc_host,
         grpc_port=grpc_port,
         discovery=discovery_config,
+        scheduling=_scheduling_config(
+            config_file, prefill_policy or policy, decode_policy or policy, disaggregation
+        ),
     )
     asyncio.run(serve(config))
 

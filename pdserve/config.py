@@ -350,3 +350,7 @@ class ClusterConfig:
     kv_lease_s: float = 30.0
     # The launcher's control endpoint on 127.0.0.1 (`pdserve scale`, router discovery).
     control_port: int = 50050
+    # The router's worker choice for both pools (None: its default) and when it splits
+    # prefill from decode (None: its default).
+    policy: str | None = None
+    disaggregation: str | None = None

@@ -49,6 +49,7 @@ class GenerateCall:
     prompt_token_ids: list[int]
     sampling: cpb.SamplingParams
     arrival: float  # time.monotonic() when the request arrived
+    session_key: str | None = None  # session affinity: a header or the OpenAI user field
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: cpb.Usage | None = None
+    # The first delta of each plan: the routing decision (x-pdserve-route header).
+    route: str | None = None
 
 
 class GenerationService:
@@ -122,7 +125,7 @@ class GenerationService:
                 yield delta
 
     async def _generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
-        plan = self.planner.plan(call.prompt_token_ids)
+        plan = self.planner.plan(call.prompt_token_ids, session_key=call.session_key)
         self.metrics.routing.labels(plan.mode.value).inc()
         self.admission.check_worker(plan.decode)
         state = FailoverState()
@@ -212,6 +215,7 @@ class GenerationService:
     ) -> AsyncIterator[Delta]:
         mode = plan.mode.value
         last = None
+        route: str | None = plan.route
         async for msg in self._worker_stream(plan.decode, request):
             now = time.monotonic()
             if msg.token_ids:
@@ -225,7 +229,8 @@ class GenerationService:
             if usage is not None:
                 self.metrics.prompt_tokens.inc(usage.prompt_tokens)
                 self.metrics.generation_tokens.inc(usage.completion_tokens)
-            yield Delta(msg.text, list(msg.token_ids), finish, usage)
+            yield Delta(msg.text, list(msg.token_ids), finish, usage, route)
+            route = None
             if finish is not None:
                 self.metrics.e2e.labels(mode).observe(time.monotonic() - call.arrival)
 

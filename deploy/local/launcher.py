@@ -204,6 +204,8 @@ def plan_components(
             "launcher",
             "--launcher-url",
             control_url(config),
+            *(["--policy", config.policy] if config.policy else []),
+            *(["--disaggregation", config.disaggregation] if config.disaggregation else []),
         ],
         log_dir / "router.log",
         lambda: http_ready(f"http://127.0.0.1:{config.http_port}/ready"),

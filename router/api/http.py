@@ -20,6 +20,8 @@ from pdserve.router.tokenize import PromptTokenizer
 from pdserve.v1 import common_pb2 as cpb
 
 REQUEST_ID_HEADER = "x-request-id"
+# How the router served the request: mode, workers, reason, cached tokens (debugging).
+ROUTE_HEADER = "x-pdserve-route"
 
 
 def _error_response(err: PdserveError) -> JSONResponse:
@@ -206,7 +208,13 @@ def build_http_app(
     ) -> Response:
         max_tokens = service.resolve_max_tokens(len(prompt_ids), max_tokens)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        call = GenerateCall(request_id, prompt_ids, body.to_sampling(max_tokens), time.monotonic())
+        call = GenerateCall(
+            request_id,
+            prompt_ids,
+            body.to_sampling(max_tokens),
+            time.monotonic(),
+            session_key=body.user,
+        )
         shape = _Shape(
             chat, request_id, service.model_id, prompt_ids if body.return_token_ids else None
         )
@@ -215,6 +223,8 @@ def build_http_app(
         if body.stream:
             # Fail before the 200 status line when no worker can take the request.
             first = await anext(deltas)
+            if first.route:
+                headers[ROUTE_HEADER] = first.route
             stream = _sse(shape, first, deltas, body.include_usage_in_stream)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         text: list[str] = []
@@ -224,6 +234,8 @@ def build_http_app(
             text.append(delta.text)
             token_ids += delta.token_ids
             last = delta
+            if delta.route:
+                headers.setdefault(ROUTE_HEADER, delta.route)
         choice = shape.final_choice("".join(text), token_ids, last.finish_reason)
         return JSONResponse(
             shape.envelope([choice], _usage_json(last.usage), stream=False), headers=headers

@@ -8,6 +8,7 @@ code path.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -215,3 +216,8 @@ def build_policy(config: PolicyConfig, pool: str, deps: PolicyDeps) -> Policy:
 def make_policy(name: str, deps: PolicyDeps | None = None, pool: str = "") -> Policy:
     """A named policy with its default weights."""
     return build_policy(PolicyConfig(name), pool, deps or PolicyDeps(model_id=None))
+
+
+# The first version's policy classes, as constructors of the same presets.
+RoundRobin = functools.partial(make_policy, "round_robin")
+LeastLoad = functools.partial(make_policy, "least_load")
