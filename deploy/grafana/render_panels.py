@@ -150,9 +150,12 @@ def draw_stat(ax: Axes, panel: dict[str, Any], series: list[Series], t0: float) 
 
 
 def render(
-    panels: list[dict[str, Any]], data: dict[int, list[Series]], t0: float, out: Path, title: str
-) -> None:
-    """Place every panel at its grid position (24 columns; heights in grid units)."""
+    panels: list[dict[str, Any]], data: dict[int, list[Series]], window: tuple[float, float],
+    out: Path, title: str,
+) -> None:  # fmt: skip
+    """Place every panel at its grid position (24 columns; heights in grid units); the x
+    axes show seconds since the window's start."""
+    t0, t1 = window
     top = min(p["gridPos"]["y"] for p in panels)
     units = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels) - top + 1.5  # + title
     fig = plt.figure(figsize=(20, 0.32 * units), dpi=80)
@@ -171,6 +174,7 @@ def render(
             fig.text(0.005, 1 - (y + 0.6) / units, p["title"], fontsize=12, weight="bold")
             continue
         ax = fig.add_axes(box(p))
+        ax.set_xlim(0, t1 - t0)
         ax.set_title(p["title"], fontsize=9, loc="left")
         series = data.get(p["id"], [])
         if p["type"] == "stat":
@@ -207,7 +211,8 @@ def render_dashboard(
     prometheus: str, start: float, end: float, out: Path, rows: list[str] | None,
     namespace: str = ".*", rate_interval: str = "",
 ) -> dict[str, int]:  # fmt: skip
-    """Query every panel over [start, end] and write the PNG; returns series per panel."""
+    """Query every panel over [start, end] and write the PNG; returns the number of series
+    per panel, keyed "row: panel title"."""
     board = json.loads(DASHBOARD.read_text())
     panels = select_rows(board["panels"], rows)
     if not panels:
@@ -221,8 +226,14 @@ def render_dashboard(
                 window = (start, end, step)
                 data[p["id"]] = panel_series(http, prometheus, p, window, namespace, interval)
     title = f"{board['title']}: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))}"
-    render(panels, data, start, out, title)
-    return {p["title"]: len(data[p["id"]]) for p in panels if p["type"] != "row"}
+    render(panels, data, (start, end), out, title)
+    counts, row = {}, ""
+    for p in panels:
+        if p["type"] == "row":
+            row = p["title"]
+        else:
+            counts[f"{row}: {p['title']}"] = len(data[p["id"]])
+    return counts
 
 
 # --- --local: a tiny cluster, Prometheus and a load ------------------------------------

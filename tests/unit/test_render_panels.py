@@ -128,8 +128,10 @@ def test_renders_every_panel_with_the_dashboards_queries(
     assert sent == [rp.fill_variables(e, "prod", "20s") for e in wanted]
     assert not any("$" in q for q in sent)
     assert {(q["start"], q["end"]) for q in prometheus.queries} == {("1000.0", "1100.0")}
+    rows = {p["gridPos"]["y"]: p["title"] for p in board["panels"] if p["type"] == "row"}
     titled = [p for p in board["panels"] if p["type"] != "row"]
-    assert set(counts) == {p["title"] for p in titled}
+    row_of = {p["id"]: rows[max(y for y in rows if y < p["gridPos"]["y"])] for p in titled}
+    assert list(counts) == [f"{row_of[p['id']]}: {p['title']}" for p in titled]
     assert all(n >= 2 for n in counts.values())
 
 
