@@ -57,10 +57,10 @@ e2e: install
 # start-up takes 4-12 min (PP needs torch.compile) and it is not yet reliable there
 # (see docs/testing.md). Run it with `make test-topology`.
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/topology
+	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/topology --ignore=tests/e2e/grpc_topology
 
 test-topology: install
-	$(BIN)/pytest -q -ra tests/e2e/topology
+	$(BIN)/pytest -q -ra tests/e2e/topology tests/e2e/grpc_topology
 
 clean:
 	rm -rf $(VENV) pdserve/v1 build *.egg-info

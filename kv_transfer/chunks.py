@@ -1,10 +1,15 @@
-"""KV slices <-> checksummed chunks, the unit of the gRPC KV stream.
+"""KV slices <-> hashed chunks, the unit of the gRPC KV stream.
 
 A slice is one layer's KV for a range of KV heads of one request: a contiguous tensor of
 shape [num_blocks, head_count, block_size, entry_elems]. The producer cuts its bytes into
-chunks of at most ``chunk_bytes`` with a CRC32C each; the consumer writes each chunk
-straight into a preallocated tensor (through a numpy view, no intermediate buffers) after
-checking its checksum, and knows when every slice is complete.
+chunks of at most ``chunk_bytes``, each with an XXH3-64 hash; the consumer checks the
+hash and writes the chunk straight into a preallocated tensor.
+
+Copies: a ``KvChunk`` is encoded by hand as its protobuf header followed by the ``data``
+field (valid protobuf: fields may come in any order), from a view of the staged tensor,
+so the producer copies the payload once (into the message) instead of twice (tobytes,
+then protobuf), and the consumer takes the payload as a view of the received message
+instead of letting protobuf copy it. Standard protobuf parsers read these messages too.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import google_crc32c
 import numpy as np
 import torch
+import xxhash
 
 from pdserve.errors import KvIntegrityError, KvTransferError
 from pdserve.v1 import kv_transfer_pb2 as pb
@@ -23,10 +28,80 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 # gRPC message limit for the KV channel: the largest chunk plus protobuf framing.
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
 MESSAGE_LIMIT_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+_DATA_FIELD = pb.KvChunk.DESCRIPTOR.fields_by_name["data"].number
+_DATA_TAG = bytes([_DATA_FIELD << 3 | 2])  # length-delimited
 
 
-def checksum(data: bytes) -> int:
-    return int(google_crc32c.value(data))
+def content_hash(data: bytes | memoryview) -> int:
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
+@dataclass
+class WireChunk:
+    """A ``KvChunk`` whose payload is kept apart (a view, not a protobuf copy)."""
+
+    header: pb.KvChunk  # every field but ``data``
+    payload: bytes | memoryview
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise KvTransferError("truncated KV chunk message")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_chunk(chunk: WireChunk) -> bytes:
+    """gRPC response serializer of KvTransfer.Fetch."""
+    head = chunk.header.SerializeToString()
+    return b"".join((head, _DATA_TAG, _varint(len(chunk.payload)), chunk.payload))
+
+
+def decode_chunk(message: bytes) -> WireChunk:
+    """gRPC response deserializer of KvTransfer.Fetch: the payload stays a view."""
+    buf = memoryview(message)
+    header_parts: list[memoryview] = []
+    payload: memoryview = buf[0:0]
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            if field == _DATA_FIELD:
+                payload = buf[pos : pos + length]
+                pos += length
+                continue
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise KvTransferError(f"unexpected wire type {wire_type} in a KV chunk")
+        header_parts.append(buf[start:pos])
+    if pos != len(buf):
+        raise KvTransferError("truncated KV chunk message")
+    return WireChunk(pb.KvChunk.FromString(b"".join(header_parts)), payload)
 
 
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:
@@ -36,24 +111,24 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
 
 def slice_chunks(
     layer: int, head_start: int, tensor: torch.Tensor, chunk_bytes: int
-) -> Iterator[pb.KvChunk]:
-    """Cut one slice into checksummed chunks."""
+) -> Iterator[WireChunk]:
+    """Cut one slice into hashed chunks (views of ``tensor``: keep it alive and unchanged)."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise KvTransferError(f"chunk size {chunk_bytes} outside 1..{MAX_CHUNK_BYTES} bytes")
-    raw = _byte_view(tensor)
-    total = raw.size
+    raw = memoryview(_byte_view(tensor))
+    total = len(raw)
     for offset in range(0, total, chunk_bytes):
-        data = raw[offset : offset + chunk_bytes].tobytes()
-        yield pb.KvChunk(
+        data = raw[offset : offset + chunk_bytes]
+        header = pb.KvChunk(
             layer=layer,
             head_start=head_start,
             head_count=tensor.shape[1],
             offset=offset,
             slice_bytes=total,
-            data=data,
-            crc32c=checksum(data),
+            xxh3_64=content_hash(data),
             entry_elems=tensor.shape[3],
         )
+        yield WireChunk(header, data)
 
 
 @dataclass
@@ -73,30 +148,31 @@ class SliceAssembler:
         self._slices: dict[tuple[int, int, int], _Slice] = {}
         self.bytes_received = 0
 
-    def add(self, chunk: pb.KvChunk) -> None:
-        if checksum(chunk.data) != chunk.crc32c:
+    def add(self, chunk: WireChunk) -> None:
+        head, data = chunk.header, chunk.payload
+        if content_hash(data) != head.xxh3_64:
             raise KvIntegrityError(
-                f"KV chunk of layer {chunk.layer} at byte {chunk.offset} failed its CRC32C "
+                f"KV chunk of layer {head.layer} at byte {head.offset} failed its XXH3 "
                 "check (corrupted in transit)"
             )
-        key = (chunk.layer, chunk.head_start, chunk.head_count)
+        key = (head.layer, head.head_start, head.head_count)
         part = self._slices.get(key)
         if part is None:
-            shape = (self.num_blocks, chunk.head_count, self.block_size, chunk.entry_elems)
+            shape = (self.num_blocks, head.head_count, self.block_size, head.entry_elems)
             tensor = torch.empty(shape, dtype=self.dtype)
             part = _Slice(tensor, _byte_view(tensor))
-            if part.raw.size != chunk.slice_bytes:
+            if part.raw.size != head.slice_bytes:
                 raise KvTransferError(
-                    f"KV slice of layer {chunk.layer} has {chunk.slice_bytes} bytes, "
+                    f"KV slice of layer {head.layer} has {head.slice_bytes} bytes, "
                     f"expected {part.raw.size} for shape {shape} in {self.dtype}"
                 )
             self._slices[key] = part
-        end = chunk.offset + len(chunk.data)
+        end = head.offset + len(data)
         if end > part.raw.size:
-            raise KvTransferError(f"KV chunk of layer {chunk.layer} overruns its slice")
-        part.raw[chunk.offset : end] = np.frombuffer(chunk.data, dtype=np.uint8)
-        part.received += len(chunk.data)
-        self.bytes_received += len(chunk.data)
+            raise KvTransferError(f"KV chunk of layer {head.layer} overruns its slice")
+        part.raw[head.offset : end] = np.frombuffer(data, dtype=np.uint8)
+        part.received += len(data)
+        self.bytes_received += len(data)
 
     def complete_slices(self) -> dict[tuple[int, int, int], torch.Tensor]:
         """(layer, head_start, head_count) -> tensor, once every byte has arrived."""

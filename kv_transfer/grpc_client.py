@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 import torch
 
 from pdserve.errors import KvIncompatibleError, KvTransferError
-from pdserve.kv_transfer.chunks import SliceAssembler
-from pdserve.kv_transfer.grpc_server import CHANNEL_OPTIONS
+from pdserve.kv_transfer.chunks import SliceAssembler, WireChunk, decode_chunk
+from pdserve.kv_transfer.grpc_server import CHANNEL_OPTIONS, SERVICE_NAME
 from pdserve.v1 import kv_transfer_pb2 as pb
 from pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
 
@@ -54,22 +55,34 @@ def failure_reason(error: Exception) -> str:
     return "incomplete" if isinstance(error, KvTransferError) else "internal"
 
 
+class _Channel:
+    """A channel, its stub, and Fetch with the view-keeping chunk decoder."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = pb_grpc.KvTransferStub(channel)
+        self.fetch: Callable[..., Iterator[WireChunk]] = channel.unary_stream(
+            f"/{SERVICE_NAME}/Fetch",
+            request_serializer=pb.FetchRequest.SerializeToString,
+            response_deserializer=decode_chunk,
+        )
+
+
 class KvFetcher:
     """Channels to producer ranks (one per address, reused) and the fetch logic."""
 
     def __init__(self, layout: ConsumerLayout, timeout_s: float) -> None:
         self.layout = layout
         self.timeout_s = timeout_s
-        self._channels: dict[str, pb_grpc.KvTransferStub] = {}
+        self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
 
-    def _stub(self, target: str) -> pb_grpc.KvTransferStub:
+    def _channel(self, target: str) -> _Channel:
         with self._lock:
-            stub = self._channels.get(target)
-            if stub is None:
-                stub = pb_grpc.KvTransferStub(grpc.insecure_channel(target, CHANNEL_OPTIONS))
-                self._channels[target] = stub
-            return stub
+            channel = self._channels.get(target)
+            if channel is None:
+                channel = _Channel(grpc.insecure_channel(target, CHANNEL_OPTIONS))
+                self._channels[target] = channel
+            return channel
 
     def fetch(
         self, target: str, want: SliceRequest
@@ -93,7 +106,7 @@ class KvFetcher:
         )
         assembler = SliceAssembler(want.num_blocks, self.layout.block_size, self.layout.dtype)
         try:
-            for chunk in self._stub(target).Fetch(msg, timeout=self.timeout_s):
+            for chunk in self._channel(target).fetch(msg, timeout=self.timeout_s):
                 assembler.add(chunk)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -106,7 +119,7 @@ class KvFetcher:
     def release(self, target: str, want: SliceRequest) -> bool:
         """Confirm delivery so the producer frees its copy. Best effort: the lease backs it."""
         try:
-            reply = self._stub(target).Release(
+            reply = self._channel(target).stub.Release(
                 pb.ReleaseRequest(
                     request_id=want.request_id,
                     layers=list(want.layers),

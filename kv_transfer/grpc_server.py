@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from pdserve.kv_transfer.chunks import MESSAGE_LIMIT_BYTES, slice_chunks
+from pdserve.kv_transfer.chunks import MESSAGE_LIMIT_BYTES, WireChunk, encode_chunk, slice_chunks
 from pdserve.kv_transfer.staging import StagedKv, Staging
 from pdserve.kv_transfer.stats import TransferStats
 from pdserve.v1 import kv_transfer_pb2 as pb
@@ -28,6 +28,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
 ]
 REAP_INTERVAL_S = 0.25
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KvTransfer"].full_name
 # Set to 1 in a worker's environment to allow the InjectFault test hook.
 FAULT_INJECTION_ENV = "PDSERVE_KV_FAULT_INJECTION"
 
@@ -81,9 +82,7 @@ class KvTransferService(pb_grpc.KvTransferServicer):
                 return True
             return False
 
-    def Fetch(
-        self, request: pb.FetchRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.KvChunk]:
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[WireChunk]:
         problem = self._check_layout(request)
         if problem:
             context.abort(
@@ -113,9 +112,11 @@ class KvTransferService(pb_grpc.KvTransferServicer):
         for layer in layers:
             part = entry.layers[layer][request.first_block : last, offset : offset + head_n]
             for chunk in slice_chunks(layer, head_lo, part.contiguous(), request.chunk_bytes):
-                self.stats.sent(len(chunk.data))
+                self.stats.sent(len(chunk.payload))
                 if self._take_fault():
-                    chunk.data = bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:]
+                    data = bytearray(chunk.payload)
+                    data[0] ^= 0xFF
+                    chunk.payload = bytes(data)
                 yield chunk
 
     def Release(
@@ -139,6 +140,33 @@ class KvTransferService(pb_grpc.KvTransferServicer):
         return pb.InjectFaultResponse()
 
 
+def _add_service(service: KvTransferService, server: grpc.Server) -> None:
+    """The generated registration, except that Fetch sends hand-encoded chunks."""
+    handlers = {
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            service.Fetch,
+            request_deserializer=pb.FetchRequest.FromString,
+            response_serializer=encode_chunk,
+        ),
+        "Release": grpc.unary_unary_rpc_method_handler(
+            service.Release,
+            request_deserializer=pb.ReleaseRequest.FromString,
+            response_serializer=pb.ReleaseResponse.SerializeToString,
+        ),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            service.Stats,
+            request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.KvTransferStats.SerializeToString,
+        ),
+        "InjectFault": grpc.unary_unary_rpc_method_handler(
+            service.InjectFault,
+            request_deserializer=pb.InjectFaultRequest.FromString,
+            response_serializer=pb.InjectFaultResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 class KvTransferServer:
     """The service on ``host:port`` plus the thread that expires leases."""
 
@@ -158,7 +186,7 @@ class KvTransferServer:
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-transfer"),
             options=CHANNEL_OPTIONS,
         )
-        pb_grpc.add_KvTransferServicer_to_server(self.service, self._server)
+        _add_service(self.service, self._server)
         if self._server.add_insecure_port(f"{host}:{port}") == 0:
             raise OSError(f"KV transfer server cannot bind {host}:{port}")
         self._stop = threading.Event()

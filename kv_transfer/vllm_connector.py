@@ -14,7 +14,7 @@ once; the staged copy lives until every cell is confirmed or the lease runs out.
 Consumer (a request with ``do_remote_prefill``): the scheduler side reports the prompt
 minus its last token as externally computed; each engine rank fetches the layers and KV
 heads it owns from every producer rank (which answers with its intersection, so TP and
-PP shapes may differ on the two sides), verifies every chunk's CRC32C, checks that the
+PP shapes may differ on the two sides), verifies every chunk's XXH3 hash, checks that the
 slices cover its layers and heads, writes them into the allocated blocks and confirms.
 This first version loads synchronously in ``start_load_kv`` (before the forward pass
 that needs the KV; it blocks that engine step). A failed load reports its blocks as

@@ -2,7 +2,7 @@
 
 gRPC: a KvTransfer server in a child process (as in a prefill engine rank) holds one
 staged request per size; this process fetches it with the real consumer code (chunks,
-CRC32C verification, assembly into a tensor), so the figure is what a decode rank sees.
+hash verification, assembly into a tensor), so the figure is what a decode rank sees.
 NIXL: two agents (UCX backend) in this process; one WRITE of the same bytes per
 transfer, handle creation included (vLLM creates one per request). Both move host
 memory over loopback; both are timed from request to the last byte usable.

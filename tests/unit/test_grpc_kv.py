@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from pdserve.errors import KvIncompatibleError, KvIntegrityError, KvTransferError
-from pdserve.kv_transfer.chunks import SliceAssembler, slice_chunks
+from pdserve.kv_transfer.chunks import (
+    SliceAssembler,
+    WireChunk,
+    decode_chunk,
+    encode_chunk,
+    slice_chunks,
+)
 from pdserve.kv_transfer.grpc_client import (
     ConsumerLayout,
     KvFetcher,
@@ -44,23 +50,39 @@ def test_chunks_reassemble_bit_exact(dtype: torch.dtype, chunk_bytes: int) -> No
         chunk_bytes = 7  # odd sizes split elements across chunks
     chunks = list(slice_chunks(5, 2, tensor, chunk_bytes))
     assert len(chunks) == -(-nbytes // chunk_bytes)
-    assert all(len(c.data) <= chunk_bytes for c in chunks)
+    assert all(len(c.payload) <= chunk_bytes for c in chunks)
     asm = SliceAssembler(3, BLOCK, dtype)
-    for chunk in reversed(chunks):  # order does not matter
-        asm.add(chunk)
+    for chunk in reversed(chunks):  # order does not matter; through the wire codec
+        asm.add(decode_chunk(encode_chunk(chunk)))
     (key, got), *rest = asm.complete_slices().items()
     assert not rest and key == (5, 2, 2)
     assert torch.equal(got, tensor)
     assert asm.bytes_received == nbytes
 
 
+def test_wire_encoding_is_plain_protobuf() -> None:
+    chunk = next(slice_chunks(7, 1, kv(1, 1, seed=4), 300))
+    wire = encode_chunk(chunk)
+    parsed = pb.KvChunk.FromString(wire)  # any protobuf reader understands it
+    assert parsed.data == bytes(chunk.payload) and parsed.layer == 7
+    assert parsed.xxh3_64 == chunk.header.xxh3_64 and parsed.offset == 0
+    # ... and our decoder reads messages written by a standard protobuf writer too.
+    full = pb.KvChunk(layer=3, offset=9, data=b"abc", xxh3_64=5).SerializeToString()
+    back = decode_chunk(full)
+    assert bytes(back.payload) == b"abc" and back.header.layer == 3
+    assert back.header.offset == 9 and not back.header.data
+    with pytest.raises(KvTransferError, match="truncated"):
+        decode_chunk(wire[:-1])
+
+
 def test_corrupted_chunk_is_detected() -> None:
     chunks = list(slice_chunks(0, 0, kv(2, 1, seed=2), 256))
-    bad = chunks[1]
-    bad.data = bytes([bad.data[0] ^ 1]) + bad.data[1:]
+    flipped = bytearray(chunks[1].payload)
+    flipped[0] ^= 1
+    bad = WireChunk(chunks[1].header, bytes(flipped))
     asm = SliceAssembler(2, BLOCK, torch.float32)
     asm.add(chunks[0])
-    with pytest.raises(KvIntegrityError, match="CRC32C"):
+    with pytest.raises(KvIntegrityError, match="XXH3"):
         asm.add(bad)
 
 
