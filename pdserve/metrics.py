@@ -41,6 +41,7 @@ ROUTER_ROUTING = "pdserve_router_routing_decisions_total"
 ROUTER_WORKERS_HEALTHY = "pdserve_router_workers_healthy"
 ROUTER_PROMPT_TOKENS = "pdserve_router_prompt_tokens_total"
 ROUTER_GENERATION_TOKENS = "pdserve_router_generation_tokens_total"
+ROUTER_QUEUE_TIME = "pdserve_router_queue_time_seconds"
 ROUTER_BREAKER_STATE = "pdserve_router_worker_circuit_state"
 ROUTER_RETRIES = "pdserve_router_retries_total"
 ROUTER_MIGRATIONS = "pdserve_router_migrations_total"
@@ -56,7 +57,6 @@ ROUTER_KV_INDEX_BLOCKS = "pdserve_router_kv_index_blocks"
 ROUTER_KV_EVENT_LAG = "pdserve_router_kv_event_lag_seconds"
 ROUTER_KV_EVENT_RESYNCS = "pdserve_router_kv_event_resyncs_total"
 ROUTER_KV_HASH_MISMATCHES = "pdserve_router_kv_event_hash_mismatches_total"
-ROUTER_QUEUE_TIME = "pdserve_router_queue_time_seconds"
 
 WORKER_REQUESTS = "pdserve_worker_requests_total"
 WORKER_IN_FLIGHT = "pdserve_worker_requests_in_flight"
@@ -125,6 +125,12 @@ class RouterMetrics:
         )
         self.generation_tokens = Counter(
             ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests.", registry=registry
+        )
+        self.queue_time = Histogram(
+            ROUTER_QUEUE_TIME,
+            "Time from request arrival to its admission (waiting for a free slot).",
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
         )
         self.breaker_state = Gauge(
             ROUTER_BREAKER_STATE,
@@ -214,12 +220,6 @@ class RoutingMetrics:
         self.hash_mismatches = Counter(
             ROUTER_KV_HASH_MISMATCHES,
             "Engine block hashes the router could not reproduce (hash algorithm or seed differ).",
-            registry=registry,
-        )
-        self.queue_time = Histogram(
-            ROUTER_QUEUE_TIME,
-            "Time from request arrival to its admission (waiting for a free slot).",
-            buckets=QUEUE_BUCKETS,
             registry=registry,
         )
 

@@ -121,6 +121,7 @@ class GenerationService:
     async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
         """Admit, plan, run; on a worker failure retry, fall back or migrate (retry.py)."""
         async with self.admission.admitted():
+            self.metrics.queue_time.observe(time.monotonic() - call.arrival)
             async for delta in self._generate(call):
                 yield delta
 

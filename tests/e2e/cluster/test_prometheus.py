@@ -147,3 +147,14 @@ def test_every_queried_metric_is_exported(cluster: Cluster, prometheus: None) ->
         if not name.endswith(("_failures_total", "_incompatible_total"))
     }
     assert not missing, f"queried but not exported by a running cluster: {sorted(missing)}"
+
+
+def test_engine_metrics_carry_the_worker_role(cluster: Cluster, prometheus: None) -> None:
+    # This scrape config adds no labels: the role comes from the workers themselves, which
+    # is what lets the dashboard's pool rows work outside Kubernetes too.
+    for role in ("prefill", "decode"):
+        for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+            assert _query(f'count({name}{{role="{role}"}})') == 1, (name, role)
+    assert _query('count(vllm:num_requests_running{role=""})') == 0
+    # The decode worker pulls KV over NIXL: its transfer histogram is labelled decode.
+    assert _query('sum(vllm:nixl_xfer_time_seconds_count{role="decode"})') >= 1
