@@ -115,7 +115,7 @@ def slice_chunks(
     """Cut one slice into hashed chunks (views of ``tensor``: keep it alive and unchanged)."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise KvTransferError(f"chunk size {chunk_bytes} outside 1..{MAX_CHUNK_BYTES} bytes")
-    raw = memoryview(_byte_view(tensor))
+    raw = _byte_view(tensor).data  # a memoryview over the tensor's bytes
     total = len(raw)
     for offset in range(0, total, chunk_bytes):
         data = raw[offset : offset + chunk_bytes]
