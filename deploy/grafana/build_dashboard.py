@@ -36,6 +36,7 @@ ROUTER_ERRORS = 'status=~"5..|INTERNAL|UNAVAILABLE|UNKNOWN|DATA_LOSS|DEADLINE_EX
 QUANTILES = (0.5, 0.9, 0.99)
 DECODE = 'role="decode"'
 DISAGGREGATED = 'mode="disaggregated"'
+HIT = 'result="hit"'
 
 
 def sel(*matchers: str) -> str:
@@ -271,8 +272,37 @@ def kv_transfer() -> list[Any]:
                 query(f"sum({rate('vllm:nixl_num_failed_transfers_total')})", "failed/s"),
                 query(f"sum({rate('vllm:nixl_num_kv_expired_reqs_total')})", "lease expired/s"),
                 query(f"sum({rate('pdserve_worker_kv_incompatible_total')})", "incompatible/s"),
+                query(
+                    f"sum by (reason) ({rate('pdserve_kv_transfer_failures_total')})",
+                    "grpc {{reason}}/s",
+                ),
+                query(
+                    f"sum({rate('pdserve_kv_transfer_lease_expirations_total')})",
+                    "grpc lease expired/s",
+                ),
             ],
-            "Failed NIXL transfers, prefill KV freed before a pull, layout mismatches.",
+            "Failed transfers (NIXL, grpc by reason), prefill KV freed before the decode side "
+            "fetched it, layout mismatches.",
+        ),
+        percentiles(
+            "Transfer time (grpc transport)",
+            "pdserve_kv_transfer_duration_seconds",
+            description="--kv-transport grpc: fetch, verify and store one request's KV "
+            "(decode side).",
+        ),
+        series(
+            "Transfer throughput (grpc transport)",
+            "Bps",
+            [
+                query(
+                    f"sum by (role) ({rate('pdserve_kv_transfer_bytes_received_total')})",
+                    "received {{role}}",
+                ),
+                query(
+                    f"sum by (role) ({rate('pdserve_kv_transfer_bytes_sent_total')})",
+                    "sent {{role}}",
+                ),
+            ],
         ),
         series(
             "Decode prompt tokens by source",
@@ -320,6 +350,31 @@ def routing() -> list[Any]:
             ],
         ),
         series(
+            "Router prefix hit ratio",
+            "percentunit",
+            [
+                query(
+                    f"sum by (pool) ({rate('pdserve_router_prefix_cache_tokens_total', HIT)}) / "
+                    f"sum by (pool) ({rate('pdserve_router_prefix_cache_tokens_total')})",
+                    "{{pool}}",
+                )
+            ],
+            "Prompt tokens the chosen worker already held, per the router's prefix index "
+            "(kv_aware policies).",
+        ),
+        series(
+            "Disaggregation decisions/s",
+            "short",
+            [
+                query(
+                    f"sum by (decision, reason) "
+                    f"({rate('pdserve_router_disaggregation_decisions_total')})",
+                    "{{decision}} ({{reason}})",
+                )
+            ],
+            "Why a request was served colocated or split (conditional disaggregation).",
+        ),
+        series(
             "Prefix cache hit ratio by pool",
             "percentunit",
             [query(f"{hits} / {queries}", "{{role}}")],
@@ -340,6 +395,51 @@ def routing() -> list[Any]:
             "pdserve_router_queue_time_seconds",
             description="From arrival to admission: waiting for a free slot when the router "
             "runs its in-flight limit.",
+        ),
+    ]
+
+
+def reliability() -> list[Any]:
+    return [
+        series(
+            "Circuit breakers",
+            "short",
+            [
+                query(
+                    f"max by (role, worker) (pdserve_router_worker_circuit_state{sel()})",
+                    "{{role}} {{worker}}",
+                )
+            ],
+            "Per worker: 0 closed, 1 half-open (awaiting its probe), 2 open (no traffic).",
+        ),
+        series(
+            "Retries and migrations/s",
+            "short",
+            [
+                query(
+                    f"sum by (stage, target) ({rate('pdserve_router_retries_total')})",
+                    "retry {{stage}} -> {{target}}",
+                ),
+                query(
+                    f"sum by (outcome) ({rate('pdserve_router_migrations_total')})",
+                    "migration {{outcome}}",
+                ),
+            ],
+            "Retries: a worker failed before the first token. Migrations: a stream moved to "
+            "another decode worker after it.",
+        ),
+        series(
+            "Admission: rejected and queued",
+            "short",
+            [
+                query(
+                    f"sum by (reason) ({rate('pdserve_router_rejected_requests_total')})",
+                    "rejected {{reason}}/s",
+                ),
+                query(f"sum(pdserve_router_requests_queued{sel()})", "queued"),
+            ],
+            "Refused before any worker was touched (overload, queue timeout, rate limit, "
+            "authentication); requests waiting for a slot.",
         ),
     ]
 
@@ -374,6 +474,7 @@ def build() -> dict[str, Any]:
         ("Decode pool", pool("decode")),
         ("KV transfer", kv_transfer()),
         ("Routing and cache", routing()),
+        ("Reliability", reliability()),
     ]
     panel_id = 0
     for title, panels in rows:

@@ -19,7 +19,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from pdserve.kv_transfer.grpc_metrics import families as kv_families
 from pdserve.metrics import RouterMetrics, WorkerMetrics
+from pdserve.v1 import kv_transfer_pb2 as kv_pb
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/pdserve.json"
@@ -63,12 +65,19 @@ def _exposed(name: str, kind: str) -> set[str]:
 
 
 def pdserve_series() -> set[str]:
-    """Every series name pdserve's metric objects expose."""
+    """Every series name pdserve's metric objects expose, with the grpc KV transport's
+    (collected from the engine ranks by the worker)."""
     registry = CollectorRegistry()
     RouterMetrics(registry)
     WorkerMetrics(registry, "prefill")
+    stats = kv_pb.KvTransferStats(
+        failures={"timeout": 1},
+        latency_bucket_bounds=[1, float("inf")],
+        latency_bucket_counts=[0, 0],
+    )
+    grpc_kv = kv_families("decode", stats)
     names: set[str] = set()
-    for family in registry.collect():
+    for family in [*registry.collect(), *grpc_kv]:
         names |= _exposed(family.name, family.type)
     return names
 
@@ -203,7 +212,10 @@ def test_alerts_cover_the_operational_signals() -> None:
 def test_dashboard_layout() -> None:
     board = json.loads(DASHBOARD.read_text())
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Prefill pool", "Decode pool", "KV transfer", "Routing and cache"]
+    assert rows == [
+        "Overview", "Prefill pool", "Decode pool", "KV transfer", "Routing and cache",
+        "Reliability",
+    ]  # fmt: skip
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     for panel in board["panels"]:
