@@ -128,12 +128,23 @@ class Planner:
         ``colocated``: one worker only (a migrated stream, the last-resort fallback);
         ``session_key``: for session affinity."""
         request = SchedulingRequest(prompt_token_ids, session_key)
-        workers = [w for w in self.pool.workers if w.address not in exclude]
+        # The healthy and role filters, in one pass over the pool (its notion of healthy
+        # includes circuit breakers); the policies' own filters run on what is left.
+        by_role: dict[Role, list[WorkerClient]] = {role: [] for role in Role}
+        for w in self.pool.healthy(*Role):
+            if w.address not in exclude:
+                by_role[w.role].append(w)
+
+        def healthy(role: Role) -> list[WorkerClient]:
+            return by_role[role]
+
         never = self.decider.config.mode is DisaggregationMode.NEVER
         prefill_req = request.for_stage((Role.PREFILL,), None)
-        prefills = [] if colocated or never else self.prefill_policy.eligible(workers, prefill_req)
+        prefills = []
+        if not (colocated or never):
+            prefills = self.prefill_policy.eligible(healthy(Role.PREFILL), prefill_req)
         decode_req = request.for_stage((Role.DECODE,), None)
-        decodes = self.decode_policy.eligible(workers, decode_req) if prefills else []
+        decodes = self.decode_policy.eligible(healthy(Role.DECODE), decode_req) if prefills else []
         if prefills and decodes:
             decode = self.decode_policy.choose(decodes, decode_req)
             compatible_req = request.for_stage((Role.PREFILL,), decode.worker)
@@ -158,7 +169,7 @@ class Planner:
         reason = "colocated_only" if colocated else "no_prefill"
         for roles in ((Role.BOTH,), (Role.DECODE,)):
             local_req = request.for_stage(roles, None)
-            candidates = self.decode_policy.eligible(workers, local_req)
+            candidates = self.decode_policy.eligible(healthy(roles[0]), local_req)
             if candidates:
                 pick = self.decode_policy.choose(candidates, local_req)
                 self.decode_policy.commit(pick, local_req)

@@ -26,6 +26,9 @@ from pdserve.errors import ConfigError
 VLLM_NONE_HASH_SEED = "vllm-none-hash"
 # The hash-algorithm ids workers report in their KV layout ("vllm-" + vLLM's name).
 ALGORITHM_PREFIX = "vllm-"
+# Blocks remembered per hasher: shared prefixes (system prompts) are hashed once, not per
+# request (a dict lookup costs a fraction of CBOR + SHA-256).
+CACHED_BLOCKS = 65536
 
 
 def _sha256_cbor(obj: Any) -> bytes:
@@ -66,14 +69,23 @@ class BlockHasher:
         if seed is None:
             seed = os.environ.get("PYTHONHASHSEED", VLLM_NONE_HASH_SEED)
         self._none_hash = self._fn(seed)
+        self._cache: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
 
     def block_digests(self, token_ids: Sequence[int]) -> list[bytes]:
         """Full-length digests of every full block (a partial last block is not cached)."""
         parent = self._none_hash
         out: list[bytes] = []
         bs = self.block_size
+        cache = self._cache
         for start in range(0, len(token_ids) - bs + 1, bs):
-            parent = self._fn((parent, tuple(token_ids[start : start + bs]), None))
+            block = tuple(token_ids[start : start + bs])
+            digest = cache.get((parent, block))
+            if digest is None:
+                digest = self._fn((parent, block, None))
+                if len(cache) >= CACHED_BLOCKS:
+                    cache.clear()
+                cache[(parent, block)] = digest
+            parent = digest
             out.append(parent)
         return out
 

@@ -21,10 +21,8 @@ from pdserve.router.kv_index.lookup import PrefixLookup
 from pdserve.router.scheduling.cost import TransferCostModel
 from pdserve.router.scheduling.filters import (
     Filter,
-    HealthyFilter,
     KvCompatFilter,
     ModelFilter,
-    RoleFilter,
 )
 from pdserve.router.scheduling.pickers import (
     MaxScorePicker,
@@ -43,6 +41,8 @@ from pdserve.router.scheduling.scorers import (
     TransferCostScorer,
 )
 from pdserve.router.workers import WorkerClient
+
+MAX_LOAD_CACHE = 16384
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,10 @@ class Policy:
         self.name = name
         self.filters = list(filters)
         self.scorers = [(s, w) for s, w in scorers if w > 0]
+        self._load_scorers = [(s, w) for s, w in self.scorers if s.load_only]
+        self._request_scorers = [(s, w) for s, w in self.scorers if not s.load_only]
+        # address -> (load report, in-flight count, weighted sum of the load-only scores)
+        self._load_cache: dict[str, tuple[object, int, float]] = {}
         self.picker = picker
         self.lookup = lookup
         self.metrics = metrics
@@ -97,8 +101,8 @@ class Policy:
 
     def choose(self, candidates: Sequence[WorkerClient], request: SchedulingRequest) -> Pick:
         """Score and pick among already filtered, non-empty ``candidates``."""
-        totals = [0.0] * len(candidates)
-        for scorer, weight in self.scorers:
+        totals = self._load_scores(candidates, request)
+        for scorer, weight in self._request_scorers:
             started = time.perf_counter()
             for i, s in enumerate(scorer.score(candidates, request)):
                 totals[i] += weight * s
@@ -111,6 +115,34 @@ class Policy:
         if self.lookup is not None:
             cached = request.matched_tokens(self.lookup).get(worker.address, 0)
         return Pick(worker, totals[chosen], cached)
+
+    def _load_scores(
+        self, candidates: Sequence[WorkerClient], request: SchedulingRequest
+    ) -> list[float]:
+        """The load-only scorers' weighted sum per candidate, recomputed only for workers
+        whose load report or in-flight count changed since the last request."""
+        totals = [0.0] * len(candidates)
+        if not self._load_scorers:
+            return totals
+        stale: list[int] = []
+        for i, w in enumerate(candidates):
+            cached = self._load_cache.get(w.address)
+            if cached is not None and cached[0] is w.load and cached[1] == w.in_flight:
+                totals[i] = cached[2]
+            else:
+                stale.append(i)
+        if stale:
+            workers = [candidates[i] for i in stale]
+            for scorer, weight in self._load_scorers:
+                started = time.perf_counter()
+                for i, s in zip(stale, scorer.score(workers, request), strict=True):
+                    totals[i] += weight * s
+                self._timed(scorer.name, started)
+            if len(self._load_cache) > MAX_LOAD_CACHE:
+                self._load_cache.clear()  # workers that left
+            for i, w in zip(stale, workers, strict=True):
+                self._load_cache[w.address] = (w.load, w.in_flight, totals[i])
+        return totals
 
     def commit(self, pick: Pick, request: SchedulingRequest) -> None:
         """The request goes to ``pick.worker``: stateful scorers learn, metrics count."""
@@ -198,7 +230,9 @@ def build_policy(config: PolicyConfig, pool: str, deps: PolicyDeps) -> Policy:
         "random": lambda: RandomPicker(rng),
         "max_score": lambda: MaxScorePicker(config.temperature, rng),
     }
-    filters: list[Filter] = [HealthyFilter(), RoleFilter()]
+    # Health and role are applied first by the planner, in one pass over the pool
+    # (WorkerPool.healthy); these run on its result.
+    filters: list[Filter] = []
     if deps.model_id is not None:
         filters.append(ModelFilter(deps.model_id))
     filters.append(KvCompatFilter())

@@ -14,6 +14,9 @@ from pdserve.router.workers import WorkerClient
 
 class Scorer(abc.ABC):
     name: str
+    # True: the score depends only on the worker's load report and this router's
+    # in-flight count, so a policy may reuse it until either changes.
+    load_only = False
 
     @abc.abstractmethod
     def score(self, candidates: Sequence[WorkerClient], request: SchedulingRequest) -> list[float]:
@@ -40,6 +43,8 @@ class PrefixScorer(Scorer):
 
     def score(self, candidates: Sequence[WorkerClient], request: SchedulingRequest) -> list[float]:
         matched = request.matched_tokens(self.lookup)
+        if not matched:
+            return [0.0] * len(candidates)
         n = max(request.prompt_len, 1)
         return [min(matched.get(w.address, 0), n) / n for w in candidates]
 
@@ -51,6 +56,7 @@ class QueueScorer(Scorer):
     """Requests waiting in the worker's scheduler."""
 
     name = "queue"
+    load_only = True
 
     def __init__(self, half: float = 4.0) -> None:
         self.half = half
@@ -64,6 +70,7 @@ class RunningScorer(Scorer):
     that is higher (fresher between reports)."""
 
     name = "running"
+    load_only = True
 
     def __init__(self, half: float = 8.0) -> None:
         self.half = half
@@ -78,6 +85,7 @@ class KvUsageScorer(Scorer):
     """Free share of the worker's KV cache."""
 
     name = "kv_usage"
+    load_only = True
 
     def score(self, candidates: Sequence[WorkerClient], request: SchedulingRequest) -> list[float]:
         return [min(max(1.0 - w.load.kv_cache_usage, 0.0), 1.0) for w in candidates]

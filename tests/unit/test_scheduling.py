@@ -282,3 +282,13 @@ def test_scheduling_config_from_yaml_section() -> None:
     ):
         with pytest.raises(ConfigError):
             SchedulingConfig.from_dict(bad)
+
+
+def test_scheduling_benchmark_runs_on_a_small_pool() -> None:
+    from pdserve.bench.scheduling import build_parser, run
+
+    argv = "--workers 20 --requests 120 --prefixes 4 --holders 2 --noise-blocks 10"
+    result = run(build_parser().parse_args([*argv.split(), "--prefix-tokens", "256"]))
+    assert (result["workers"], result["requests"]) == (20, 120)
+    assert result["index_blocks"] == 4 * 16 + 20 * 10
+    assert set(result["plan_ms"]) == set(result["plan_cpu_ms"]) == {50, 90, 99}

@@ -38,9 +38,9 @@ def _prefix_hits(port: int) -> float:
 
 
 def _prompt(group: int, request: int) -> list[int]:
-    # Token ids 3..502 of the tiny model's 512 (0-2 are special tokens).
-    prefix = [3 + (group * 131 + k * 17) % 500 for k in range(PREFIX_TOKENS)]
-    suffix = [3 + (request * 29 + group * 7 + k) % 500 for k in range(SUFFIX_TOKENS)]
+    # Token ids 3..372: inside the tiny model's vocabulary (382), past its special tokens.
+    prefix = [3 + (group * 131 + k * 17) % 370 for k in range(PREFIX_TOKENS)]
+    suffix = [3 + (request * 29 + group * 7 + k) % 370 for k in range(SUFFIX_TOKENS)]
     return prefix + suffix
 
 
