@@ -50,7 +50,7 @@ def fake_workers(n: int, prefill_share: float, rng: random.Random) -> list[Worke
     n_prefill = max(1, int(n * prefill_share))
     for i in range(n):
         role = Role.PREFILL if i < n_prefill else Role.DECODE
-        w = WorkerClient(f"10.0.{i // 250}.{i % 250}:50100", role, None, None)  # type: ignore[arg-type]
+        w = WorkerClient(f"10.0.{i // 250}.{i % 250}:50100", role, None, None)
         w.healthy = True
         w.info = pb.WorkerInfo(worker_id=f"{role.value}-{i}", model_id="m", kv_layout=layout)
         w.load = pb.LoadReport(
