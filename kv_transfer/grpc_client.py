@@ -131,3 +131,21 @@ class KvFetcher:
         except grpc.RpcError:
             return False
         return bool(reply.freed)
+
+
+def release_everything(host: str, port: int, ranks: int, request_id: str, timeout_s: float) -> int:
+    """Free a request's staged KV on every producer rank (a consumer that will not read it).
+
+    Returns how many ranks freed a copy. Best effort: the lease backs it.
+    """
+    freed = 0
+    for rank in range(ranks):
+        with grpc.insecure_channel(f"{host}:{port + rank}") as channel:
+            try:
+                reply = pb_grpc.KvTransferStub(channel).Release(
+                    pb.ReleaseRequest(request_id=request_id), timeout=timeout_s
+                )
+            except grpc.RpcError:
+                continue
+            freed += int(reply.freed)
+    return freed

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pdserve.kv_transfer.chunks import DEFAULT_CHUNK_BYTES
-from pdserve.kv_transfer.grpc_client import ConsumerLayout, KvFetcher, SliceRequest, failure_reason
+from pdserve.kv_transfer.grpc_client import (
+    ConsumerLayout,
+    KvFetcher,
+    SliceRequest,
+    failure_reason,
+    release_everything,
+)
 from pdserve.kv_transfer.grpc_server import FAULT_INJECTION_ENV, KvTransferServer, RankLayout
 
 if TYPE_CHECKING:
@@ -141,7 +148,24 @@ class GrpcKvConnector(KVConnectorBase_V1):
         count = max(0, len(request.prompt_token_ids or ()) - 1 - num_computed_tokens)
         if count:
             self._pending_external[request.request_id] = num_computed_tokens
+        else:
+            self._release_unused(params)  # this engine's prefix cache holds the prompt
         return count, False
+
+    def _release_unused(self, params: dict[str, Any]) -> None:
+        """Free a producer's staged copy this engine will not read (do not wait for it)."""
+        params["do_remote_prefill"] = False
+        try:
+            target = (str(params["remote_host"]), int(params["remote_port"]))
+            ranks, request_id = int(params["remote_ranks"]), str(params["remote_request_id"])
+        except (KeyError, TypeError, ValueError):
+            return  # unusable parameters: the producer's lease frees the copy
+        threading.Thread(
+            target=release_everything,
+            args=(*target, ranks, request_id, self.settings.fetch_timeout_s),
+            name="kv-release",
+            daemon=True,
+        ).start()
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -150,7 +174,10 @@ class GrpcKvConnector(KVConnectorBase_V1):
         if params.get("do_remote_decode"):
             self._producing[request.request_id] = request
         local_computed = self._pending_external.pop(request.request_id, None)
-        if num_external_tokens == 0 or local_computed is None:
+        if local_computed is None:
+            return
+        if num_external_tokens == 0:
+            self._release_unused(params)  # vLLM kept a longer local hit instead
             return
         first = local_computed // self.block_size
         last = math.ceil((local_computed + num_external_tokens) / self.block_size)
@@ -192,6 +219,9 @@ class GrpcKvConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         self._producing.pop(request.request_id, None)
         self._pending_external.pop(request.request_id, None)
+        params = request.kv_transfer_params or {}
+        if params.get("do_remote_prefill"):
+            self._release_unused(params)  # finished (aborted) before its KV was loaded
         if request.request_id not in self._saved:
             return False, None
         self._saved.discard(request.request_id)

@@ -21,6 +21,7 @@ from pdserve.kv_transfer.grpc_client import (
     KvFetcher,
     SliceRequest,
     failure_reason,
+    release_everything,
 )
 from pdserve.kv_transfer.grpc_metrics import families, merge
 from pdserve.kv_transfer.grpc_server import KvTransferServer, RankLayout
@@ -269,3 +270,11 @@ def test_failure_reasons_are_bounded_labels(server: KvTransferServer) -> None:
     assert failure_reason(KvIntegrityError("x")) == "checksum"
     assert failure_reason(KvIncompatibleError("x")) == "incompatible"
     assert failure_reason(KvTransferError("x")) == "incomplete"
+
+
+def test_release_everything_frees_unread_copies(server: KvTransferServer) -> None:
+    server.staging.put("unread", {0: kv(1, 2, 0), 1: kv(1, 2, 1)}, head_start=0, head_count=2)
+    assert release_everything("127.0.0.1", server.port, 1, "unread", timeout_s=5) == 1
+    assert server.staging.totals() == (0, 0, 0)
+    # A rank that does not answer (port + 1 here) is skipped, not an error.
+    assert release_everything("127.0.0.1", server.port, 2, "unread", timeout_s=1) == 0
