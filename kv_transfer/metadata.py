@@ -15,6 +15,7 @@ from pdserve.errors import KvIncompatibleError
 KV_HANDLE_FORMAT_VERSION = 1
 # vLLM's prefix-cache block hash (the default, sha256 over token ids and the parent hash).
 DEFAULT_HASH_ALGORITHM = "vllm-sha256"
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ class KvLayout:
     tensor_parallel_size: int
     pipeline_parallel_size: int
     hash_algorithm: str = DEFAULT_HASH_ALGORITHM
+
+    def block_bytes(self) -> int:
+        """Bytes of one KV block over all layers, K and V (the cache dtype is the model's)."""
+        try:
+            itemsize = _DTYPE_BYTES[self.dtype]
+        except KeyError:
+            raise KvIncompatibleError(f"unknown KV dtype {self.dtype!r}") from None
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * itemsize
 
     def mismatches(self, producer: KvLayout, transport_reshapes: bool) -> list[str]:
         """Fields on which KV from ``producer`` cannot be used by this consumer.

@@ -330,6 +330,9 @@ def scale(
             view = scaler.wait_settled(timeout_s)
             sizes = ", ".join(f"{name} {p['serving']}" for name, p in view["pools"].items())
             typer.echo(f"settled: {sizes}")
+            if view["pools"][role.value]["serving"] != replicas:
+                # A new worker failed to start: the launcher's log says why.
+                raise ScalingError(f"the {role.value} pool settled at {sizes}, not {replicas}")
     except (ScalingError, ConfigError) as e:
         typer.secho(f"error: {e.message}", fg="red", err=True)
         raise typer.Exit(1) from e
@@ -348,9 +351,11 @@ def prepare_model(
 def _register_subcommands() -> None:
     from pdserve.autoscale.cli import planner
     from pdserve.bench.cli import bench_app
+    from pdserve.sim.cli import sim_app
 
     app.add_typer(bench_app, name="bench")
     app.command()(planner)
+    app.add_typer(sim_app, name="sim")
 
 
 _register_subcommands()

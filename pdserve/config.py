@@ -21,6 +21,55 @@ class KvTransport(enum.StrEnum):
     GRPC = "grpc"
 
 
+class TraceExporter(enum.StrEnum):
+    NONE = "none"
+    OTLP = "otlp"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry trace export; off unless an exporter is configured (pdserve/tracing.py).
+
+    ``from_env`` reads the standard variables; the OTLP exporter itself reads the rest
+    (OTEL_EXPORTER_OTLP_HEADERS, ..._INSECURE, ..._TIMEOUT, OTEL_BSP_*).
+    """
+
+    exporter: TraceExporter = TraceExporter.NONE
+    # None: the exporter's own default / OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT.
+    otlp_endpoint: str | None = None
+    otlp_protocol: str = "grpc"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], otlp_endpoint: str | None = None) -> TracingConfig:
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls()
+        protocol = (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc"
+        )
+        named = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+        has_endpoint = bool(
+            otlp_endpoint
+            or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        )
+        if named == "none" or (not named and not has_endpoint):
+            return cls()
+        try:
+            exporter = TraceExporter(named or "otlp")
+        except ValueError as e:
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER={named!r} is not supported; use otlp, console or none"
+            ) from e
+        if protocol not in ("grpc", "http/protobuf"):
+            raise ConfigError(
+                f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf"
+            )
+        return cls(exporter, otlp_endpoint, protocol)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What a worker hands to its vLLM engine."""
@@ -63,6 +112,7 @@ class WorkerConfig:
     # vLLM KV cache events for the router's prefix index: ZMQ PUB on this port, replay
     # (ROUTER) on the next one. None: no events.
     kv_events_port: int | None = None
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 class DiscoveryMode(enum.StrEnum):
@@ -316,6 +366,10 @@ class RouterConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    # Completed request timelines kept for `pdserve inspect` (0: none unless tracing is on,
+    # then DEFAULT_TIMELINE_RING).
+    timeline_ring: int = 0
 
 
 @dataclass(frozen=True)

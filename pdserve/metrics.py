@@ -64,6 +64,7 @@ WORKER_TTFT = "pdserve_worker_time_to_first_token_seconds"
 WORKER_E2E = "pdserve_worker_request_duration_seconds"
 WORKER_KV_HANDLES = "pdserve_worker_kv_handles_total"
 WORKER_KV_INCOMPATIBLE = "pdserve_worker_kv_incompatible_total"
+WORKER_KV_TRANSFER_BYTES = "pdserve_worker_kv_transfer_bytes_total"
 # The grpc KV transport (kv_transfer/): counted in the engine ranks, exported by the worker.
 KV_TRANSFER_BYTES_SENT = "pdserve_kv_transfer_bytes_sent_total"
 KV_TRANSFER_BYTES_RECEIVED = "pdserve_kv_transfer_bytes_received_total"
@@ -260,6 +261,13 @@ class WorkerMetrics:
             WORKER_KV_INCOMPATIBLE,
             "KV handles refused because the producer's layout does not match this worker.",
             ["role"],
+            registry=registry,
+        )
+        self.kv_transfer_bytes = Counter(
+            WORKER_KV_TRANSFER_BYTES,
+            "KV bytes a decode worker obtained from prefill workers (the blocks its KV "
+            "handles name), by transport; equals the kv_transfer spans' pdserve.kv.bytes.",
+            ["role", "transport"],
             registry=registry,
         )
 

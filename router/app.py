@@ -13,7 +13,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from pdserve.config import DiscoveryMode, Role, RouterConfig
+from pdserve.config import DiscoveryMode, Role, RouterConfig, TraceExporter
 from pdserve.grpc_options import SERVER_OPTIONS
 from pdserve.metrics import RouterMetrics
 from pdserve.router.api.grpc import InferenceServicer
@@ -24,8 +24,10 @@ from pdserve.router.discovery.static import StaticDiscovery
 from pdserve.router.planner import Planner
 from pdserve.router.routing import Routing
 from pdserve.router.service import GenerationService
+from pdserve.router.timeline import DEFAULT_TIMELINE_RING, TimelineRing
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
+from pdserve.tracing import SERVICE_ROUTER, Tracing
 from pdserve.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,20 @@ def _discovery(config: RouterConfig) -> Discovery:
     )
 
 
+def _tracing(config: RouterConfig) -> tuple[Tracing, TimelineRing | None]:
+    """Exported traces per config.tracing; the timeline ring when asked for, or by
+    default whenever traces are exported."""
+    ring_size = config.timeline_ring
+    if ring_size == 0 and config.tracing.exporter is not TraceExporter.NONE:
+        ring_size = DEFAULT_TIMELINE_RING
+    timelines = TimelineRing(ring_size) if ring_size > 0 else None
+    tracing = Tracing.create(config.tracing, SERVICE_ROUTER, [timelines] if timelines else [])
+    return tracing, timelines
+
+
 async def serve(config: RouterConfig) -> None:
     registry = CollectorRegistry()
+    tracing, timelines = _tracing(config)
     metrics = RouterMetrics(registry)
     tokenizer = PromptTokenizer(config.model_path)
     pool = WorkerPool(
@@ -103,7 +117,7 @@ async def serve(config: RouterConfig) -> None:
     interceptors = [GrpcAuthInterceptor(keys)] if keys.enabled else []
     grpc_server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(service, tokenizer), grpc_server
+        InferenceServicer(service, tokenizer, tracing), grpc_server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
@@ -117,7 +131,15 @@ async def serve(config: RouterConfig) -> None:
     )
     grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
 
-    app = build_http_app(service, tokenizer, registry, planner.can_serve, config.max_body_bytes)
+    app = build_http_app(
+        service,
+        tokenizer,
+        registry,
+        planner.can_serve,
+        config.max_body_bytes,
+        tracing,
+        timelines,
+    )
     if keys.enabled:
         app.middleware("http")(keys.http_middleware())
     http = uvicorn.Server(
@@ -167,6 +189,7 @@ async def serve(config: RouterConfig) -> None:
     routing_task.cancel()
     await routing.close()
     await pool.close()
+    tracing.shutdown()
     if discovery_error is not None:
         raise RuntimeError(f"worker discovery failed: {discovery_error}") from discovery_error
     log.info("router stopped")

@@ -31,9 +31,11 @@ from pdserve.router.admission import Admission
 from pdserve.router.first_transfer import FirstTransferGate
 from pdserve.router.migration import TextDecoder
 from pdserve.router.planner import Mode, Plan, Planner
+from pdserve.router.request_trace import WorkerCallSpan, plan_attributes
 from pdserve.router.retry import Attempt, Failover, FailoverState, WorkerFailure
 from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.sampling import FINISH_REASON_NAMES
+from pdserve.tracing import EVENT_FALLBACK, NO_TRACE, RequestTrace
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 
@@ -49,6 +51,7 @@ class GenerateCall:
     prompt_token_ids: list[int]
     sampling: cpb.SamplingParams
     arrival: float  # time.monotonic() when the request arrived
+    trace: RequestTrace = NO_TRACE  # the request's root span in this router
     session_key: str | None = None  # session affinity: a header or the OpenAI user field
 
 
@@ -126,7 +129,10 @@ class GenerationService:
                 yield delta
 
     async def _generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
-        plan = self.planner.plan(call.prompt_token_ids, session_key=call.session_key)
+        with call.trace.span("schedule") as span:
+            plan = self.planner.plan(call.prompt_token_ids, session_key=call.session_key)
+            if span.is_recording():
+                span.set_attributes(plan_attributes(plan, self.planner))
         self.metrics.routing.labels(plan.mode.value).inc()
         self.admission.check_worker(plan.decode)
         state = FailoverState()
@@ -146,6 +152,7 @@ class GenerationService:
                 attempt = await self.failover.next_attempt(attempt, failure, state)
                 if attempt.last_resort:
                     self.metrics.routing.labels(FALLBACK_COLOCATED).inc()
+                    call.trace.root.add_event(EVENT_FALLBACK, {"error": failure.error.message})
 
     async def _attempt(self, attempt: Attempt) -> AsyncGenerator[Delta, None]:
         """One try on the plan's workers; a worker's failure raises ``WorkerFailure``."""
@@ -195,7 +202,7 @@ class GenerationService:
     async def _prefill(self, worker: WorkerClient, call: GenerateCall) -> pb.KvHandle:
         request = self._worker_request(call, pb.STAGE_PREFILL)
         handle: pb.KvHandle | None = None
-        async for msg in self._worker_stream(worker, request):
+        async for msg in self._worker_stream(worker, request, call.trace):
             if msg.HasField("kv_handle"):
                 handle = msg.kv_handle
         # The router does not trust a worker's reply blindly.
@@ -217,7 +224,7 @@ class GenerationService:
         mode = plan.mode.value
         last = None
         route: str | None = plan.route
-        async for msg in self._worker_stream(plan.decode, request):
+        async for msg in self._worker_stream(plan.decode, request, call.trace):
             now = time.monotonic()
             if msg.token_ids:
                 if last is None:
@@ -236,17 +243,22 @@ class GenerationService:
                 self.metrics.e2e.labels(mode).observe(time.monotonic() - call.arrival)
 
     async def _worker_stream(
-        self, worker: WorkerClient, request: pb.WorkerGenerateRequest
+        self, worker: WorkerClient, request: pb.WorkerGenerateRequest, trace: RequestTrace
     ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         """Stream from a worker; errors become typed errors; leaving early cancels the call
-        (the worker then aborts the request and frees its KV blocks)."""
-        call = worker.stub.Generate(request)
+        (the worker then aborts the request and frees its KV blocks). The call is a client
+        span of ``trace``, propagated to the worker as ``traceparent``."""
+        span = WorkerCallSpan.start(trace, worker, request.stage)
+        call = worker.stub.Generate(request, metadata=span.metadata())
         # A hung worker answers nothing: its circuit breaker opening ends the call.
         trip = worker.breaker.watch(call.cancel)
         try:
             async for msg in call:
+                await span.on_response(msg, call)
                 yield msg
+            await span.on_done(call)
         except grpc.aio.AioRpcError as e:
+            span.fail(e)
             raise self._failure(worker, request, e) from e
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -257,6 +269,7 @@ class GenerationService:
         finally:
             trip.close()
             call.cancel()
+            span.end()
 
     @staticmethod
     def _failure(

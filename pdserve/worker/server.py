@@ -17,6 +17,7 @@ from pdserve.grpc_options import SERVER_OPTIONS
 from pdserve.kv_transfer.grpc_metrics import KvTransferCollector
 from pdserve.kv_transfer.registry import transport_for
 from pdserve.metrics import WorkerMetrics, serve_metrics
+from pdserve.tracing import SERVICE_BY_ROLE, Tracing
 from pdserve.v1 import worker_pb2_grpc
 from pdserve.worker.engine import Engine
 from pdserve.worker.servicer import WorkerServicer
@@ -46,7 +47,8 @@ async def serve(config: WorkerConfig) -> None:
         )
     serve_metrics(config.host, config.metrics_port, REGISTRY, role=config.role.value)
 
-    servicer = WorkerServicer(config, engine, metrics)
+    tracing = Tracing.create(config.tracing, SERVICE_BY_ROLE[config.role.value])
+    servicer = WorkerServicer(config, engine, metrics, tracing)
     health = HealthServicer()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
@@ -77,4 +79,5 @@ async def serve(config: WorkerConfig) -> None:
         log.warning("drain deadline passed with %d requests in flight", servicer.in_flight)
     await server.stop(grace=1.0)
     engine.shutdown()
+    tracing.shutdown()
     log.info("worker %s stopped", config.worker_id)

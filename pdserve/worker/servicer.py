@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,13 +23,27 @@ from pdserve.errors import (
     WorkerError,
 )
 from pdserve.kv_transfer.wire import handle_to_proto, layout_to_proto
+from pdserve.logs import set_request_context
 from pdserve.metrics import WorkerMetrics
 from pdserve.prefill_worker.stage import PrefillStage
+from pdserve.tracing import (
+    ATTR_CANCELLED,
+    ATTR_PROMPT_TOKENS,
+    ATTR_REQUEST_ID,
+    ATTR_STAGE,
+    ATTR_WORKER,
+    Tracing,
+)
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.v1 import worker_pb2_grpc
 from pdserve.worker.engine import Engine
 from pdserve.worker.sampling import finish_reason_to_proto, to_vllm
+from pdserve.worker.timings import (
+    KvTransferInfo,
+    record_stage_spans,
+    timings_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +61,27 @@ _ROLE_TO_PROTO = {
 }
 
 
+@dataclass
+class _RunState:
+    """What one Generate call learned from the engine, for its spans and metrics."""
+
+    stats: Any = None  # vLLM RequestStateStats of the latest output
+    kv: KvTransferInfo | None = None
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, config: WorkerConfig, engine: Engine, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        engine: Engine,
+        metrics: WorkerMetrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         assert engine.layout is not None and engine.transport is not None, "engine not started"
         self.config = config
         self.engine = engine
         self.metrics = metrics
+        self.tracing = tracing or Tracing.disabled()
         self.prefill = PrefillStage(engine.transport, engine.layout)
         self.decode = DecodeStage(engine.transport, engine.layout)
         self.draining = False
@@ -68,10 +98,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.in_flight += 1
         self.idle.clear()
         self.metrics.in_flight.labels(self.metrics.role).inc()
+        metadata = context.invocation_metadata() or ()
+        trace = self.tracing.start_request(
+            f"worker.{stage}",
+            metadata,
+            {
+                ATTR_REQUEST_ID: request.request_id,
+                ATTR_STAGE: stage,
+                ATTR_WORKER: self.config.worker_id,
+                ATTR_PROMPT_TOKENS: len(request.prompt_token_ids),
+            },
+        )
+        set_request_context(request.request_id, trace.trace_id)
+        # The router asks for stage timings by propagating a trace (its own may be ring-only).
+        wants_timings = any(key == "traceparent" for key, _ in metadata)
+        state = _RunState()
         try:
             params = self._sampling_params(request)
             first = True
-            async for msg in self._run(request, params):
+            async for msg in self._run(request, params, state):
                 if first:
                     self.metrics.ttft.labels(self.metrics.role, stage).observe(
                         time.monotonic() - started
@@ -81,6 +126,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             status = "ok"
         except PdserveError as e:
             status = type(e).__name__
+            trace.fail(e)
             if isinstance(e, KvIncompatibleError):
                 self.metrics.kv_incompatible.labels(self.metrics.role).inc()
             log.warning("request %s failed: %s", request.request_id, e.message)
@@ -89,8 +135,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # The router went away; vLLM's generator aborts the request in the engine
             # (freeing its KV blocks) when the iteration is cancelled.
             status = "cancelled"
+            trace.set(ATTR_CANCELLED, True)
             raise
         finally:
+            record_stage_spans(trace, request.stage, state.stats, state.kv)
+            if state.kv is not None:
+                trace.root.set_attributes(state.kv.attributes())
+            trace.end()
+            if wants_timings and status == "ok":
+                context.set_trailing_metadata(
+                    (timings_metadata(request.stage, state.stats, state.kv),)
+                )
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
@@ -119,11 +174,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return to_vllm(request.sampling)
 
     async def _run(
-        self, request: pb.WorkerGenerateRequest, params: Any
+        self, request: pb.WorkerGenerateRequest, params: Any, state: _RunState
     ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         prompt = list(request.prompt_token_ids)
         completion_tokens = 0
         async for out in self.engine.generate(request.request_id, prompt, params):
+            state.stats = out.metrics
+            if request.stage == pb.STAGE_DECODE and state.kv is None:
+                # The first output exists only once the KV has arrived.
+                state.kv = self._kv_obtained(request.kv_handle)
             completion = out.outputs[0]
             completion_tokens += len(completion.token_ids)
             msg = pb.WorkerGenerateResponse(
@@ -156,6 +215,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.metrics.kv_handles.labels(
                 self.metrics.role, request.kv_handle.transport, "consumed"
             ).inc()
+
+    def _kv_obtained(self, handle: pb.KvHandle) -> KvTransferInfo:
+        assert self.engine.layout is not None
+        blocks = len(handle.block_ids)
+        kv = KvTransferInfo(
+            transport=handle.transport,
+            producer_engine=handle.engine_id,
+            blocks=blocks,
+            bytes=blocks * self.engine.layout.block_bytes(),
+        )
+        self.metrics.kv_transfer_bytes.labels(self.metrics.role, kv.transport).inc(kv.bytes)
+        return kv
 
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext

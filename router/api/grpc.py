@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.logs import request_id_from, set_request_context
 from pdserve.router.service import GenerateCall, GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.sampling import FINISH_REASON_BY_NAME
+from pdserve.tracing import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, Tracing
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import inference_pb2 as pb
 from pdserve.v1 import inference_pb2_grpc
 
+REQUEST_ID_KEY = "x-request-id"
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, service: GenerationService, tokenizer: PromptTokenizer) -> None:
+    def __init__(
+        self,
+        service: GenerationService,
+        tokenizer: PromptTokenizer,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.service = service
         self.tokenizer = tokenizer
+        self.tracing = tracing or Tracing.disabled()
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -42,15 +51,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         route, status = "grpc/Generate", "OK"
+        metadata = context.invocation_metadata() or ()
+        # The request id: the message's field, else x-request-id metadata, if sane.
+        request_id = request_id_from(
+            request.request_id or next((v for k, v in metadata if k == REQUEST_ID_KEY), None)
+        )
+        # The id goes back in trailing metadata, whatever the outcome.
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        trace = self.tracing.start_request(
+            "pdserve.v1.Inference/Generate", metadata, {ATTR_REQUEST_ID: request_id}
+        )
+        set_request_context(request_id, trace.trace_id)
         try:
-            self.service.check_model(request.model)
-            prompt_ids = self._prompt_ids(request)
+            with trace.span("tokenize"):
+                self.service.check_model(request.model)
+                prompt_ids = self._prompt_ids(request)
+            trace.set(ATTR_PROMPT_TOKENS, len(prompt_ids))
             requested = request.sampling.max_tokens or None
             sampling = cpb.SamplingParams()
             sampling.CopyFrom(request.sampling)
             sampling.max_tokens = self.service.resolve_max_tokens(len(prompt_ids), requested)
-            request_id = request.request_id or uuid.uuid4().hex
-            call = GenerateCall(request_id, prompt_ids, sampling, time.monotonic())
+            call = GenerateCall(request_id, prompt_ids, sampling, time.monotonic(), trace)
             async for delta in self.service.generate(call):
                 msg = pb.GenerateResponse(
                     request_id=request_id, text=delta.text, token_ids=delta.token_ids
@@ -62,8 +83,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 yield msg
         except PdserveError as e:
             status = e.grpc_code.name
+            trace.fail(e)
             await context.abort(e.grpc_code, e.message)
         finally:
+            trace.end()
             self.service.metrics.requests.labels(route, status).inc()
 
     async def ListModels(

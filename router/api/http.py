@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,14 +13,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.logs import request_id_from, set_request_context
 from pdserve.router.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from pdserve.router.service import Delta, GenerateCall, GenerationService
+from pdserve.router.timeline import TimelineRing
 from pdserve.router.tokenize import PromptTokenizer
+from pdserve.tracing import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, ATTR_STREAM, RequestTrace, Tracing
 from pdserve.v1 import common_pb2 as cpb
 
 REQUEST_ID_HEADER = "x-request-id"
 # How the router served the request: mode, workers, reason, cached tokens (debugging).
 ROUTE_HEADER = "x-pdserve-route"
+TRACE_ID_HEADER = "x-trace-id"
 
 
 def _error_response(err: PdserveError) -> JSONResponse:
@@ -107,8 +110,11 @@ def build_http_app(
     metrics_registry: Any,
     ready: Callable[[], bool],
     max_body_bytes: int,
+    tracing: Tracing | None = None,
+    timelines: TimelineRing | None = None,
 ) -> FastAPI:
     app = FastAPI(title="pdserve router", version="0.1.0")
+    tracing = tracing or Tracing.disabled()
     requests_total = service.metrics.requests
 
     @app.exception_handler(PdserveError)
@@ -174,58 +180,98 @@ def build_http_app(
             ],
         }
 
+    @app.get("/debug/requests")
+    async def debug_requests() -> Response:
+        """Request ids of the timelines in the ring, newest first."""
+        if timelines is None:
+            return JSONResponse({"error": "request timelines are off"}, status_code=404)
+        return JSONResponse({"requests": timelines.recent()})
+
+    @app.get("/debug/requests/{request_id}")
+    async def debug_request(request_id: str) -> Response:
+        """The timeline of a recent request (``pdserve inspect``)."""
+        timeline = timelines.get(request_id) if timelines is not None else None
+        if timeline is None:
+            return JSONResponse({"error": f"no timeline for {request_id!r}"}, status_code=404)
+        return JSONResponse(timeline.to_json())
+
+    def _begin(request: Request, route: str, stream: bool) -> tuple[str, RequestTrace]:
+        """The request id (the client's if sane) and the root span of the request."""
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        trace = tracing.start_request(
+            f"POST {route}",
+            request.headers,
+            {ATTR_REQUEST_ID: request_id, "http.route": route, ATTR_STREAM: stream},
+        )
+        set_request_context(request_id, trace.trace_id)
+        return request_id, trace
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        service.check_model(body.model)
-        body.check_supported()
-        if isinstance(body.prompt, str):
-            prompt_ids = tokenizer.encode_prompt(body.prompt)
-        elif body.prompt and all(isinstance(p, int) for p in body.prompt):
-            prompt_ids = tokenizer.check_token_ids([int(p) for p in body.prompt])
-        elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):
-            prompt_ids = tokenizer.encode_prompt(body.prompt[0])
-        else:
-            raise InvalidRequestError(
-                "prompt must be one string or one list of token ids", param="prompt"
-            )
-        return await _serve(body, prompt_ids, body.max_tokens, chat=False, request=request)
+        request_id, trace = _begin(request, "/v1/completions", body.stream)
+        try:
+            with trace.span("tokenize"):
+                service.check_model(body.model)
+                body.check_supported()
+                if isinstance(body.prompt, str):
+                    prompt_ids = tokenizer.encode_prompt(body.prompt)
+                elif body.prompt and all(isinstance(p, int) for p in body.prompt):
+                    prompt_ids = tokenizer.check_token_ids([int(p) for p in body.prompt])
+                elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):
+                    prompt_ids = tokenizer.encode_prompt(body.prompt[0])
+                else:
+                    raise InvalidRequestError(
+                        "prompt must be one string or one list of token ids", param="prompt"
+                    )
+            return await _serve(body, prompt_ids, body.max_tokens, False, request_id, trace)
+        except BaseException as e:
+            trace.fail(e)
+            trace.end()
+            raise
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        service.check_model(body.model)
-        body.check_supported()
-        prompt_ids = tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
-        return await _serve(
-            body, prompt_ids, body.effective_max_tokens(), chat=True, request=request
-        )
+        request_id, trace = _begin(request, "/v1/chat/completions", body.stream)
+        try:
+            with trace.span("tokenize"):
+                service.check_model(body.model)
+                body.check_supported()
+                prompt_ids = tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
+            max_tokens = body.effective_max_tokens()
+            return await _serve(body, prompt_ids, max_tokens, True, request_id, trace)
+        except BaseException as e:
+            trace.fail(e)
+            trace.end()
+            raise
 
     async def _serve(
         body: CompletionRequest | ChatCompletionRequest,
         prompt_ids: list[int],
         max_tokens: int | None,
         chat: bool,
-        request: Request,
+        request_id: str,
+        trace: RequestTrace,
     ) -> Response:
+        """Ends ``trace`` when the response is complete (the stream's end, if streamed)."""
         max_tokens = service.resolve_max_tokens(len(prompt_ids), max_tokens)
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        trace.set(ATTR_PROMPT_TOKENS, len(prompt_ids))
+        sampling = body.to_sampling(max_tokens)
         call = GenerateCall(
-            request_id,
-            prompt_ids,
-            body.to_sampling(max_tokens),
-            time.monotonic(),
-            session_key=body.user,
+            request_id, prompt_ids, sampling, time.monotonic(), trace, session_key=body.user
         )
         shape = _Shape(
             chat, request_id, service.model_id, prompt_ids if body.return_token_ids else None
         )
         headers = {REQUEST_ID_HEADER: request_id}
+        if trace.enabled:
+            headers[TRACE_ID_HEADER] = trace.trace_id
         deltas = service.generate(call)
         if body.stream:
             # Fail before the 200 status line when no worker can take the request.
             first = await anext(deltas)
             if first.route:
                 headers[ROUTE_HEADER] = first.route
-            stream = _sse(shape, first, deltas, body.include_usage_in_stream)
+            stream = _sse(shape, first, deltas, body.include_usage_in_stream, trace)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         text: list[str] = []
         token_ids: list[int] = []
@@ -237,15 +283,21 @@ def build_http_app(
             if delta.route:
                 headers.setdefault(ROUTE_HEADER, delta.route)
         choice = shape.final_choice("".join(text), token_ids, last.finish_reason)
-        return JSONResponse(
+        response = JSONResponse(
             shape.envelope([choice], _usage_json(last.usage), stream=False), headers=headers
         )
+        trace.end()
+        return response
 
     return app
 
 
 async def _sse(
-    shape: _Shape, first: Delta, rest: AsyncIterator[Delta], include_usage: bool
+    shape: _Shape,
+    first: Delta,
+    rest: AsyncIterator[Delta],
+    include_usage: bool,
+    trace: RequestTrace,
 ) -> AsyncIterator[str]:
     def event(obj: dict[str, Any]) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -267,8 +319,11 @@ async def _sse(
             usage = delta.usage or usage
     except PdserveError as e:
         # Headers are gone; report the failure in-band, as OpenAI-compatible servers do.
+        trace.fail(e)
         yield event(e.to_openai())
     else:
         if include_usage:
             yield event(shape.envelope([], _usage_json(usage), stream=True))
+    finally:
+        trace.end()  # also when the client hangs up (the generator is closed)
     yield "data: [DONE]\n\n"

@@ -37,6 +37,8 @@ class LauncherDiscovery(Discovery):
         self.request_timeout_s = request_timeout_s
 
     async def run(self, pool: WorkerPool) -> None:
+        # httpx logs every request at INFO: two lines a second in the router's log.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         applied = 0
         # Workers removed from the pool whose requests still run: reported until done.
         leaving: list[WorkerClient] = []

@@ -110,9 +110,15 @@ class Cluster:
 
 
 def run_cluster(
-    tiny_model: Path, log_dir: Path, base_port: int, extra: list[str], timeout_s: float
+    tiny_model: Path,
+    log_dir: Path,
+    base_port: int,
+    extra: list[str],
+    timeout_s: float,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """`pdserve up` as a user runs it; stopped with Ctrl-C (SIGINT) at the end."""
+    """`pdserve up` as a user runs it (with ``env`` added to its environment); stopped
+    with Ctrl-C (SIGINT) at the end."""
     http_port, grpc_port = base_port, base_port + 51
     worker_base, metrics_base, kv_base = base_port + 100, base_port + 200, base_port + 600
     argv = [
@@ -130,7 +136,7 @@ def run_cluster(
     ]  # fmt: skip
     log = log_dir / "up.log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    proc = processes.start(argv, log)
+    proc = processes.start(argv, log, env)
     try:
         processes.wait_http_ok(f"http://127.0.0.1:{http_port}/ready", proc, log, timeout_s)
         roles = ["prefill-0", "decode-0"]
