@@ -15,10 +15,12 @@ from pdserve.router.kv_index.hashing import BlockHasher
 from pdserve.router.kv_index.index import PrefixIndex
 from pdserve.router.kv_index.lookup import EventPrefixLookup, RoutedPrefixLookup
 from pdserve.router.kv_index.subscriber import EventSource, KvEventHub
+from pdserve.router.load_watch import LoadWatcher
 from pdserve.router.planner import Planner
 from pdserve.router.scheduling.cost import TransferCostModel
 from pdserve.router.scheduling.policy import PolicyDeps, build_policy
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 # How often worker joins, leaves and restarts are reflected in the event subscriptions.
@@ -72,7 +74,9 @@ class Routing:
             metrics,
         )
         self.hub = KvEventHub(self.events.index, metrics) if metrics is not None else None
-        self._infos: dict[str, int] = {}
+        self.loads = LoadWatcher(pool)
+        # The identity each worker had when subscribed (a new object: it re-joined).
+        self._infos: dict[str, pb.WorkerInfo] = {}
         self._hasher_problem: str | None = None
 
     def sync(self) -> None:
@@ -83,14 +87,16 @@ class Routing:
             if source is None:
                 continue
             assert w.info is not None
-            if self._infos.get(w.address, id(w.info)) != id(w.info) and self.hub is not None:
+            known = self._infos.get(w.address)
+            if known is not None and known is not w.info and self.hub is not None:
                 self.hub.restart(w.address)  # re-read identity: possibly a new process
-            self._infos[w.address] = id(w.info)
+            self._infos[w.address] = w.info
             sources[w.address] = (source, self._hasher_for(w))
         for address in set(self._infos) - set(sources):
             del self._infos[address]
         if self.hub is not None:
             self.hub.sync(sources)
+        self.loads.sync()
 
     def _hasher_for(self, worker: WorkerClient) -> BlockHasher | None:
         assert worker.info is not None
@@ -119,5 +125,6 @@ class Routing:
             await asyncio.sleep(SYNC_INTERVAL_S)
 
     async def close(self) -> None:
+        await self.loads.close()
         if self.hub is not None:
             await self.hub.close()

@@ -46,6 +46,10 @@ from pdserve.worker.timings import (
 )
 
 log = logging.getLogger(__name__)
+# WatchLoad: how often the load is checked (default, floor) and the longest silence.
+WATCH_LOAD_INTERVAL_MS = 50
+WATCH_LOAD_MIN_INTERVAL_MS = 10
+WATCH_LOAD_HEARTBEAT_S = 1.0
 
 # Which stages each role's workers accept. A decode worker may also serve a request
 # end to end (the router colocates when disaggregation does not pay).
@@ -244,6 +248,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_cache_usage=load.kv_cache_usage,
             draining=self.draining,
         )
+
+    async def WatchLoad(
+        self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadReport]:
+        interval_s = (request.interval_ms or WATCH_LOAD_INTERVAL_MS) / 1000
+        interval_s = max(interval_s, WATCH_LOAD_MIN_INTERVAL_MS / 1000)
+        last: pb.LoadReport | None = None
+        last_sent = 0.0
+        while True:
+            report = await self.GetLoad(pb.GetLoadRequest(), context)
+            now = time.monotonic()
+            if report != last or now - last_sent >= WATCH_LOAD_HEARTBEAT_S:
+                yield report
+                last, last_sent = report, now
+            await asyncio.sleep(interval_s)
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,139 @@
+"""Routing wiring over real gRPC to fake workers: fresh load through WatchLoad, KV event
+sources from WorkerInfo, and subscriptions that follow workers joining and leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import Role, SchedulingConfig
+from pdserve.metrics import RoutingMetrics
+from pdserve.router.load_watch import LoadWatcher
+from pdserve.router.routing import Routing, event_source
+from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.v1 import worker_pb2 as pb
+from tests.unit.fake_worker import FakeWorker, serve_fake
+
+MODEL = "fake-model"
+
+
+class LoadStreamingWorker(FakeWorker):
+    """Streams whatever ``self.running`` is, every interval."""
+
+    def __init__(self) -> None:
+        super().__init__(pb.ROLE_DECODE, MODEL)
+        self.running = 0
+        self.intervals: list[int] = []
+
+    async def WatchLoad(
+        self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadReport]:
+        self.intervals.append(request.interval_ms)
+        while True:
+            yield pb.LoadReport(running_requests=self.running)
+            await asyncio.sleep(request.interval_ms / 1000)
+
+
+async def _until(condition: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_load_changes_reach_the_router_between_polls() -> None:
+    worker = LoadStreamingWorker()
+    server, address = await serve_fake(worker)
+    # Polls every minute: only the stream can explain a fresh view.
+    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=60)
+    pool.add([address], Role.DECODE)
+    await pool.poll_once()
+    watcher = LoadWatcher(pool, interval_ms=20)
+    watcher.sync()
+    try:
+        client = pool.workers[0]
+        worker.running = 7
+        await _until(lambda: client.load.running_requests == 7, timeout_s=1.0)
+        assert worker.intervals == [20]
+        pool.remove(address)
+        watcher.sync()
+        assert not watcher._tasks
+    finally:
+        await watcher.close()
+        await pool.close()
+        await server.stop(None)
+
+
+async def test_workers_without_watch_load_keep_the_polled_view() -> None:
+    worker = FakeWorker(pb.ROLE_DECODE, MODEL)  # no WatchLoad: UNIMPLEMENTED
+    server, address = await serve_fake(worker)
+    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=60)
+    pool.add([address], Role.DECODE)
+    await pool.poll_once()
+    watcher = LoadWatcher(pool)
+    watcher.sync()
+    try:
+        await _until(lambda: address in watcher._unsupported)
+        watcher.sync()
+        assert not watcher._tasks
+    finally:
+        await watcher.close()
+        await pool.close()
+        await server.stop(None)
+
+
+def _worker(address: str, endpoint: str = "", replay: str = "") -> WorkerClient:
+    w = WorkerClient(address, Role.DECODE, channel=None, stub=None)  # type: ignore[arg-type]
+    w.info = pb.WorkerInfo(
+        worker_id=address,
+        model_id=MODEL,
+        kv_events_endpoint=endpoint,
+        kv_events_replay_endpoint=replay,
+        kv_layout=pb.KvHandle(block_size=16, hash_algorithm="vllm-sha256_cbor"),
+    )
+    return w
+
+
+def test_event_source_resolves_wildcard_hosts_to_the_workers_address() -> None:
+    w = _worker("10.1.2.3:50100", "tcp://*:5606", "tcp://*:5607")
+    source = event_source(w)
+    assert source is not None
+    assert (source.endpoint, source.replay_endpoint) == (
+        "tcp://10.1.2.3:5606",
+        "tcp://10.1.2.3:5607",
+    )
+    explicit = event_source(_worker("h:1", "tcp://events.local:9"))
+    assert explicit is not None and explicit.endpoint == "tcp://events.local:9"
+    assert explicit.replay_endpoint is None
+    assert event_source(_worker("h:1")) is None
+
+
+async def test_routing_subscribes_to_joined_workers_and_drops_leavers() -> None:
+    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=60)
+    a = _worker("127.0.0.1:1", "tcp://*:1", "tcp://*:2")
+    b = _worker("127.0.0.1:3", "tcp://*:3")
+    pool.workers = [a, b]
+    routing = Routing(SchedulingConfig(), pool, RoutingMetrics(CollectorRegistry()), MODEL)
+    routing.loads.sync = lambda: None  # type: ignore[method-assign]  # no gRPC here
+    try:
+        routing.sync()
+        assert routing.hub is not None and set(routing.hub._tasks) == {a.address, b.address}
+        hasher = routing.events.hasher
+        assert hasher is not None and (hasher.block_size, hasher.algorithm) == (16, "sha256_cbor")
+        routing.events.index.store(a.address, [1, 2])
+        # a restarts (the pool re-read its identity): its blocks are forgotten.
+        fresh = pb.WorkerInfo()
+        fresh.CopyFrom(a.info)
+        a.info = fresh
+        routing.sync()
+        assert not routing.events.index.holds(a.address, 1)
+        assert a.address in routing.hub._tasks
+        pool.workers = [b]
+        routing.sync()
+        assert set(routing.hub._tasks) == {b.address}
+    finally:
+        await routing.close()
