@@ -189,10 +189,17 @@ def extract(carrier: Mapping[str, str] | Iterable[tuple[str, str | bytes]]) -> C
     return _PROPAGATOR.extract(carrier)
 
 
-def wall_ns_from_monotonic(monotonic_s: float) -> int:
-    """Convert a ``time.monotonic()`` stamp taken on this host (any process: Linux's
-    CLOCK_MONOTONIC is system-wide) to Unix nanoseconds, as spans want."""
-    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
+def monotonic_offset_ns() -> int:
+    """Unix nanoseconds minus ``time.monotonic_ns()`` now: add it to a monotonic stamp
+    taken on this host (any process: Linux's CLOCK_MONOTONIC is system-wide) to get the
+    wall time spans want. Take it once per batch of stamps so their differences stay exact."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def wall_ns_from_monotonic(monotonic_s: float, offset_ns: int | None = None) -> int:
+    if offset_ns is None:
+        offset_ns = monotonic_offset_ns()
+    return int(monotonic_s * 1e9) + offset_ns
 
 
 class Tracing:

@@ -29,6 +29,7 @@ from pdserve.tracing import (
     ATTR_KV_TRANSPORT,
     ATTR_TIMING_SOURCE,
     RequestTrace,
+    monotonic_offset_ns,
     wall_ns_from_monotonic,
 )
 from pdserve.v1 import worker_pb2 as pb
@@ -90,11 +91,17 @@ def record_stage_spans(
     """Children of the worker's request span, one per vLLM-measured interval."""
     if not trace.enabled or stats is None:
         return
+    offset = monotonic_offset_ns()
     for name, start, end in stage_intervals(stage, stats):
         attributes: dict[str, Any] = {ATTR_TIMING_SOURCE: TIMING_SOURCE}
         if name == "kv_transfer" and kv is not None:
             attributes.update(kv.attributes())
-        trace.record(name, wall_ns_from_monotonic(start), wall_ns_from_monotonic(end), attributes)
+        trace.record(
+            name,
+            wall_ns_from_monotonic(start, offset),
+            wall_ns_from_monotonic(end, offset),
+            attributes,
+        )
 
 
 def timings_metadata(stage: int, stats: Any, kv: KvTransferInfo | None) -> tuple[str, str]:
