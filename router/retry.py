@@ -106,9 +106,9 @@ class Failover:
                 plan = self.planner.plan(call.prompt_token_ids, exclude=state.excluded)
             except NoCapacityError:
                 plan = None
-            if plan is not None:
-                target = TARGET_OTHER if plan.mode is failed.plan.mode else TARGET_COLOCATED
-                self.metrics.retries.labels(failure.stage, target).inc()
+            # Only colocated is left: that is the last resort below.
+            if plan is not None and plan.mode is failed.plan.mode:
+                self.metrics.retries.labels(failure.stage, TARGET_OTHER).inc()
                 log.warning(
                     "request %s: %s failed on %s (%s); retry %d on %s",
                     request_id,

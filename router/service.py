@@ -29,6 +29,7 @@ from pdserve.errors import (
 from pdserve.metrics import RouterMetrics
 from pdserve.router.admission import Admission
 from pdserve.router.first_transfer import FirstTransferGate
+from pdserve.router.limits import check_sampling
 from pdserve.router.migration import TextDecoder
 from pdserve.router.planner import Mode, Plan, Planner
 from pdserve.router.request_trace import WorkerCallSpan, plan_attributes
@@ -123,6 +124,7 @@ class GenerationService:
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
         """Admit, plan, run; on a worker failure retry, fall back or migrate (retry.py)."""
+        check_sampling(call.sampling)
         async with self.admission.admitted():
             self.metrics.queue_time.observe(time.monotonic() - call.arrival)
             async for delta in self._generate(call):
