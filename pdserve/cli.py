@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +21,7 @@ from pdserve.config import (
     Role,
     RouterConfig,
     SchedulingConfig,
+    TracingConfig,
     WorkerConfig,
 )
 from pdserve.errors import ConfigError
@@ -32,12 +31,33 @@ app = typer.Typer(
 )
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMAT_ENV = "PDSERVE_LOG_FORMAT"
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"text | json (JSON lines with request and trace ids); default ${LOG_FORMAT_ENV}"
+    ),
+]
+OtlpEndpointOption = Annotated[
+    str | None,
+    typer.Option(help="export traces by OTLP to this endpoint (else the OTEL_* variables decide)"),
+]
+
+
+def _setup_logging(level: str, log_format: str | None = None) -> None:
+    from pdserve.logs import LOG_FORMATS, setup_logging
+
+    log_format = log_format or os.environ.get(LOG_FORMAT_ENV) or "text"
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(f"use one of {LOG_FORMATS}", param_hint="--log-format")
+    setup_logging(level, log_format)
+
+
+def _tracing_config(otlp_endpoint: str | None) -> TracingConfig:
+    try:
+        return TracingConfig.from_env(os.environ, otlp_endpoint)
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint="--otlp-endpoint / OTEL_*") from e
 
 
 def _model_name(path: Path, served: str | None) -> str:
@@ -69,6 +89,8 @@ def up(
         Path | None, typer.Option(help="worker/router logs (default: a temp folder)")
     ] = None,
     backend: Annotated[str, typer.Option(help="local")] = "local",
+    log_format: LogFormatOption = None,
+    otlp_endpoint: OtlpEndpointOption = None,
     control_port: Annotated[
         int, typer.Option(help="control endpoint on 127.0.0.1 (`pdserve scale`)")
     ] = 50050,
@@ -100,6 +122,11 @@ def up(
         disaggregation=disaggregation,
     )
     try:
+        # The router and workers inherit these (they read them at start-up).
+        if log_format:
+            os.environ[LOG_FORMAT_ENV] = log_format
+        if otlp_endpoint:
+            os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp_endpoint
         code = run_cluster(config, log_dir)
     except ConfigError as e:
         typer.secho(f"error: {e.message}", fg="red", err=True)
@@ -133,13 +160,15 @@ def worker(
     kv_cache_space_gib: int = 1,
     cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND value")] = None,
     log_level: str = "info",
+    log_format: LogFormatOption = None,
+    otlp_endpoint: OtlpEndpointOption = None,
 ) -> None:
     """Run one worker: a vLLM engine behind the internal gRPC Worker API."""
     from pdserve.config import KvTransport
     from pdserve.models import resolve_model
     from pdserve.worker.server import serve
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     path = resolve_model(model)
     config = WorkerConfig(
         role=role,
@@ -161,6 +190,7 @@ def worker(
         kv_port=kv_port,
         kv_lease_s=kv_lease_s,
         cpu_bind=cpu_bind,
+        tracing=_tracing_config(otlp_endpoint),
         kv_events_port=kv_events_port,
     )
     asyncio.run(serve(config))
@@ -277,12 +307,22 @@ def router(
     grpc_host: str = "127.0.0.1",
     grpc_port: int = 50051,
     log_level: str = "info",
+    log_format: LogFormatOption = None,
+    otlp_endpoint: OtlpEndpointOption = None,
+    timeline_ring: Annotated[
+        int,
+        typer.Option(
+            help="completed request timelines kept for `pdserve inspect` (0: 256 when "
+            "traces are exported, else none)",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Run the router: OpenAI-compatible HTTP API and gRPC API in front of the workers."""
     from pdserve.models import resolve_model
     from pdserve.router.app import serve
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     discovery_config = _discovery_config(discovery, config_file, launcher_url)
     if discovery_config.mode is not DiscoveryMode.STATIC:
         if prefill or decode or both:
@@ -304,6 +344,8 @@ def router(
         scheduling=_scheduling_config(
             config_file, prefill_policy or policy, decode_policy or policy, disaggregation
         ),
+        tracing=_tracing_config(otlp_endpoint),
+        timeline_ring=timeline_ring,
     )
     asyncio.run(serve(config))
 
@@ -336,6 +378,34 @@ def scale(
     except (ScalingError, ConfigError) as e:
         typer.secho(f"error: {e.message}", fg="red", err=True)
         raise typer.Exit(1) from e
+
+
+@app.command()
+def inspect(
+    request_id: Annotated[str, typer.Argument(help="the request id (X-Request-Id)")],
+    router_url: Annotated[
+        str, typer.Option("--router", help="the router's HTTP address")
+    ] = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw timeline")] = False,
+) -> None:
+    """Print the timeline of a recent request from the router's ring of request traces."""
+    import httpx
+
+    from pdserve.router.timeline import Timeline, format_timeline
+
+    url = f"{router_url.rstrip('/')}/debug/requests/{request_id}"
+    try:
+        response = httpx.get(url, timeout=10)
+    except httpx.HTTPError as e:
+        typer.secho(f"error: cannot reach the router at {router_url}: {e}", fg="red", err=True)
+        raise typer.Exit(1) from e
+    if response.status_code != 200:
+        typer.secho(f"error: {response.json().get('error', response.text)}", fg="red", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(response.text)
+    else:
+        typer.echo(format_timeline(Timeline.from_json(response.json())))
 
 
 @app.command("prepare-model")
