@@ -300,7 +300,7 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Failover of requests whose worker failed (router/retry.py, docs/adr/0005)."""
+    """Failover of requests whose worker failed (router/retry.py, docs/adr/0010)."""
 
     # Extra attempts on other workers for a request that failed before its first token.
     budget: int = 1

@@ -1,7 +1,7 @@
 """Failover of one request whose worker failed: retry, colocated fallback, migration.
 
 The decisions live here; ``GenerationService.generate`` runs the attempts. See
-docs/adr/0005-retries-and-migration.md for the design and its limits.
+docs/adr/0010-failover-retries-migration.md for the design and its limits.
 
 Before the first token reached the client an attempt is repeated (up to
 ``RetryConfig.budget`` times, after a jittered backoff) on workers that did not fail; when
