@@ -252,12 +252,10 @@ class SchedulingConfig:
     prefill: PolicyConfig = field(default_factory=PolicyConfig)
     decode: PolicyConfig = field(default_factory=PolicyConfig)
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
-    # Session affinity key: this request header, else the OpenAI ``user`` field.
-    session_header: str = "x-session-id"
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> SchedulingConfig:
-        unknown = set(section) - {"prefill", "decode", "disaggregation", "sessionHeader"}
+        unknown = set(section) - {"prefill", "decode", "disaggregation"}
         if unknown:
             raise ConfigError(f"scheduling: unknown keys {sorted(unknown)}")
         d = section.get("disaggregation") or {}
@@ -278,7 +276,6 @@ class SchedulingConfig:
             prefill=PolicyConfig.from_dict("scheduling.prefill", section.get("prefill", {})),
             decode=PolicyConfig.from_dict("scheduling.decode", section.get("decode", {})),
             disaggregation=disaggregation,
-            session_header=str(section.get("sessionHeader", cls.session_header)),
         )
 
 

@@ -24,6 +24,8 @@ from pdserve.v1 import common_pb2 as cpb
 REQUEST_ID_HEADER = "x-request-id"
 # How the router served the request: mode, workers, reason, cached tokens (debugging).
 ROUTE_HEADER = "x-pdserve-route"
+# Session affinity (the ``session`` policy): this header, else the OpenAI ``user`` field.
+SESSION_HEADER = "x-session-id"
 TRACE_ID_HEADER = "x-trace-id"
 
 
@@ -223,7 +225,10 @@ def build_http_app(
                     raise InvalidRequestError(
                         "prompt must be one string or one list of token ids", param="prompt"
                     )
-            return await _serve(body, prompt_ids, body.max_tokens, False, request_id, trace)
+            session = request.headers.get(SESSION_HEADER)
+            return await _serve(
+                body, prompt_ids, body.max_tokens, False, request_id, trace, session
+            )
         except BaseException as e:
             trace.fail(e)
             trace.end()
@@ -238,7 +243,8 @@ def build_http_app(
                 body.check_supported()
                 prompt_ids = tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
             max_tokens = body.effective_max_tokens()
-            return await _serve(body, prompt_ids, max_tokens, True, request_id, trace)
+            session = request.headers.get(SESSION_HEADER)
+            return await _serve(body, prompt_ids, max_tokens, True, request_id, trace, session)
         except BaseException as e:
             trace.fail(e)
             trace.end()
@@ -251,13 +257,19 @@ def build_http_app(
         chat: bool,
         request_id: str,
         trace: RequestTrace,
+        session: str | None = None,
     ) -> Response:
         """Ends ``trace`` when the response is complete (the stream's end, if streamed)."""
         max_tokens = service.resolve_max_tokens(len(prompt_ids), max_tokens)
         trace.set(ATTR_PROMPT_TOKENS, len(prompt_ids))
         sampling = body.to_sampling(max_tokens)
         call = GenerateCall(
-            request_id, prompt_ids, sampling, time.monotonic(), trace, session_key=body.user
+            request_id,
+            prompt_ids,
+            sampling,
+            time.monotonic(),
+            trace,
+            session_key=session or body.user,
         )
         shape = _Shape(
             chat, request_id, service.model_id, prompt_ids if body.return_token_ids else None

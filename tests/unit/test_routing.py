@@ -38,6 +38,19 @@ class LoadStreamingWorker(FakeWorker):
             await asyncio.sleep(request.interval_ms / 1000)
 
 
+class NamedWorker(FakeWorker):
+    def __init__(self, role: int, name: str) -> None:
+        super().__init__(role, MODEL)
+        self.name = name
+
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerInfo:
+        info = await super().GetInfo(request, context)
+        info.worker_id = self.name
+        return info
+
+
 async def _until(condition: object, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():  # type: ignore[operator]
@@ -137,3 +150,54 @@ async def test_routing_subscribes_to_joined_workers_and_drops_leavers() -> None:
         assert set(routing.hub._tasks) == {b.address}
     finally:
         await routing.close()
+
+
+async def test_http_route_header_and_session_affinity() -> None:
+    """The real router app over gRPC to three fake workers (1 prefill, 2 decode)."""
+    import httpx
+
+    from pdserve.config import PolicyConfig
+    from pdserve.metrics import RouterMetrics
+    from pdserve.models import resolve_model
+    from pdserve.router.api.http import build_http_app
+    from pdserve.router.service import GenerationService
+    from pdserve.router.tokenize import PromptTokenizer
+
+    fakes = [NamedWorker(pb.ROLE_PREFILL, "p0"), NamedWorker(pb.ROLE_DECODE, "d0")]
+    fakes.append(NamedWorker(pb.ROLE_DECODE, "d1"))
+    served = [await serve_fake(f) for f in fakes]
+    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=60)
+    pool.add([served[0][1]], Role.PREFILL)
+    pool.add([a for _, a in served[1:]], Role.DECODE)
+    await pool.poll_once()
+    metrics = RouterMetrics(CollectorRegistry())
+    config = SchedulingConfig(decode=PolicyConfig("session"))
+    routing = Routing(config, pool, metrics.routing_ctx, MODEL)
+    service = GenerationService(MODEL, pool, routing.planner, metrics, default_max_model_len=64)
+    tokenizer = PromptTokenizer(str(resolve_model("tiny")))
+    app = build_http_app(service, tokenizer, metrics.registry, routing.planner.can_serve, 4096)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+            r = await client.post("/v1/completions", json=body)
+            route = r.headers["x-pdserve-route"]
+            assert route.startswith("disaggregated; decode=d") and "prefill=p0" in route
+            assert route.endswith("reason=always; cached_tokens=0")
+            streamed = await client.post("/v1/completions", json={**body, "stream": True})
+            assert streamed.headers["x-pdserve-route"].startswith("disaggregated")
+            for session in ("alice", "bob", "carol"):
+                routes = set()
+                for _ in range(4):
+                    r = await client.post(
+                        "/v1/completions", json=body, headers={"x-session-id": session}
+                    )
+                    routes.add(r.headers["x-pdserve-route"].split(";")[1])
+                assert len(routes) == 1, (session, routes)
+                by_user = await client.post("/v1/completions", json={**body, "user": session})
+                assert by_user.headers["x-pdserve-route"].split(";")[1] in routes
+    finally:
+        await routing.close()
+        await pool.close()
+        for server, _ in served:
+            await server.stop(None)

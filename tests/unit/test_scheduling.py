@@ -264,7 +264,6 @@ def test_scheduling_config_from_yaml_section() -> None:
             "prefill": "prefix",
             "decode": {"policy": "kv_aware", "weights": {"prefix": 3}, "temperature": 0.1},
             "disaggregation": {"mode": "auto", "minUncachedTokens": 128},
-            "sessionHeader": "x-user",
         }
     )
     assert config.prefill == PolicyConfig("prefix")
@@ -273,7 +272,6 @@ def test_scheduling_config_from_yaml_section() -> None:
         "auto",
         128,
     )
-    assert config.session_header == "x-user"
     for bad in (
         {"decode": {"policy": "kv_aware", "weights": {"prefix": -1}}},
         {"disaggregation": {"mode": "sometimes"}},
