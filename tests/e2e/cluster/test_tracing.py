@@ -57,6 +57,14 @@ def _check_nesting(spans: list[ReceivedSpan]) -> None:
             assert s.end_ns <= parent.end_ns + CLOCK_SLACK_NS, (parent.name, s.name)
 
 
+def _dump(spans: list[ReceivedSpan]) -> None:
+    """Keep the trace for docs/img (tools/render_trace.py) when PDSERVE_TRACE_DUMP names a file."""
+    path = os.environ.get("PDSERVE_TRACE_DUMP")
+    if path:
+        with open(path, "w") as out:
+            json.dump([s.__dict__ for s in spans], out, indent=1)
+
+
 def test_one_trace_across_processes_with_kv_bytes(cluster: Cluster, otlp: OtlpReceiver) -> None:
     decode_port = cluster.metrics_ports["decode-0"]
     bytes_before = _metric(_scrape(decode_port), KV_BYTES)
@@ -116,6 +124,7 @@ def test_one_trace_across_processes_with_kv_bytes(cluster: Cluster, otlp: OtlpRe
     assert transfer.attributes["pdserve.kv.bytes"] == bytes_after - bytes_before
     assert transfer.attributes["pdserve.kv.blocks"] >= 2
     assert transfer.attributes["pdserve.timing_source"] == "vllm.RequestStateStats"
+    _dump(spans)
     # The router's decode span carries the worker's vLLM-measured stage times too.
     assert router_decode.attributes["pdserve.worker.kv_transfer_ms"] >= 0
     assert router_decode.attributes["pdserve.worker.kv_bytes"] == bytes_after - bytes_before

@@ -1,0 +1,185 @@
+"""Micro-benchmark: what tracing costs the router's request path (not a test).
+
+    python -m tests.bench.tracing_overhead [--requests 300] [--rounds 5] [--out FILE]
+
+Two measurements, both in this process with no engine:
+
+1. hooks: the tracing calls one disaggregated request makes on the router (root span,
+   tokenize and schedule spans, two worker-call spans, request id, log context), timed
+   in a tight loop with tracing off (the default) and on (ring only, no exporter).
+2. path: whole requests through the router's HTTP app (ASGI, in process) over real gRPC
+   to fake workers (tests/unit/fake_worker.py), rounds interleaved so load drifts hit
+   every mode alike: tracing off, tracing on (timeline ring), and -- when
+   ``--baseline-tree`` names an export of the code before tracing existed -- that code.
+   The baseline runs in a subprocess with that tree first on sys.path.
+
+Prints JSON: per mode the median and mean microseconds per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+MODEL = "fake-model"
+
+
+def hook_cost(iterations: int, enabled: bool) -> float:
+    """Microseconds per request spent in the router's tracing hooks."""
+    from pdserve.config import TracingConfig
+    from pdserve.logs import request_id_from, set_request_context
+    from pdserve.router.request_trace import WorkerCallSpan
+    from pdserve.router.timeline import TimelineRing
+    from pdserve.router.workers import WorkerClient
+    from pdserve.tracing import Tracing
+    from pdserve.v1 import worker_pb2 as pb
+
+    processors = [TimelineRing(256)] if enabled else []
+    tracing = Tracing.create(TracingConfig(), "pdserve-router", processors)
+    worker = WorkerClient.__new__(WorkerClient)  # only .name/.address are read
+    worker.address, worker.info = "127.0.0.1:1", None
+    headers = {"x-request-id": "bench-1", "content-type": "application/json"}
+    msg = pb.WorkerGenerateResponse(text="x", token_ids=[1])
+
+    class _Call:
+        async def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    async def one() -> None:
+        rid = request_id_from(headers.get("x-request-id"))
+        trace = tracing.start_request("POST /v1/completions", headers, {"pdserve.request_id": rid})
+        set_request_context(rid, trace.trace_id)
+        with trace.span("tokenize"):
+            pass
+        with trace.span("schedule") as span:
+            if span.is_recording():
+                span.set_attributes({"pdserve.mode": "disaggregated"})
+        for stage in (pb.STAGE_PREFILL, pb.STAGE_DECODE):
+            call_span = WorkerCallSpan.start(trace, worker, stage)
+            call_span.metadata()
+            for _ in range(4):
+                await call_span.on_response(msg, _Call())
+            await call_span.on_done(_Call())
+            call_span.end()
+        trace.set("pdserve.prompt_tokens", 5)
+        trace.end()
+
+    async def loop() -> float:
+        start = time.perf_counter()
+        for _ in range(iterations):
+            await one()
+        return (time.perf_counter() - start) / iterations * 1e6
+
+    return asyncio.run(loop())
+
+
+async def _path_round(requests: int, tracing_on: bool) -> list[float]:
+    """Per-request latency (us) of `requests` sequential completions through the app."""
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from pdserve.config import Role
+    from pdserve.metrics import RouterMetrics
+    from pdserve.models import resolve_model
+    from pdserve.router.api.http import build_http_app
+    from pdserve.router.planner import Planner
+    from pdserve.router.scheduling.policy import make_policy
+    from pdserve.router.service import GenerationService
+    from pdserve.router.tokenize import PromptTokenizer
+    from pdserve.router.workers import WorkerPool
+    from pdserve.v1 import worker_pb2 as pb
+    from tests.unit.fake_worker import FakeWorker, serve_fake
+
+    prefill, decode = FakeWorker(pb.ROLE_PREFILL, MODEL), FakeWorker(pb.ROLE_DECODE, MODEL)
+    (ps, paddr), (ds, daddr) = await serve_fake(prefill), await serve_fake(decode)
+    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=60)
+    pool.add([paddr], Role.PREFILL)
+    pool.add([daddr], Role.DECODE)
+    await pool.poll_once()
+    metrics = RouterMetrics(CollectorRegistry())
+    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
+    service = GenerationService(MODEL, pool, planner, metrics, default_max_model_len=64)
+    tokenizer = PromptTokenizer(str(resolve_model("tiny")))
+    extra: list[Any] = []
+    if tracing_on:
+        from pdserve.config import TracingConfig
+        from pdserve.router.timeline import TimelineRing
+        from pdserve.tracing import Tracing
+
+        ring = TimelineRing(256)
+        extra = [Tracing.create(TracingConfig(), "pdserve-router", [ring]), ring]
+    app = build_http_app(service, tokenizer, metrics.registry, planner.can_serve, 4096, *extra)
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 3}
+    latencies = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+        for i in range(requests + 10):
+            start = time.perf_counter()
+            r = await client.post("/v1/completions", json=body)
+            elapsed = (time.perf_counter() - start) * 1e6
+            assert r.status_code == 200, r.text
+            if i >= 10:  # warm-up
+                latencies.append(elapsed)
+    await pool.close()
+    await ps.stop(None)
+    await ds.stop(None)
+    return latencies
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median_us": round(statistics.median(values), 1),
+        "mean_us": round(statistics.fmean(values), 1),
+        "n": len(values),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--hook-iterations", type=int, default=20000)
+    parser.add_argument("--baseline-tree", help="export of the code before tracing")
+    parser.add_argument("--one-round", choices=["off", "on"], help=argparse.SUPPRESS)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.one_round:  # a baseline subprocess: one round, latencies as JSON
+        print(json.dumps(asyncio.run(_path_round(args.requests, args.one_round == "on"))))
+        return
+    result: dict[str, Any] = {
+        "hooks_us_per_request": {
+            "off": round(hook_cost(args.hook_iterations, False), 2),
+            "on_ring_only": round(hook_cost(args.hook_iterations // 4, True), 2),
+        }
+    }
+    modes: dict[str, list[float]] = {"off": [], "on_ring_only": []}
+    if args.baseline_tree:
+        modes["baseline_no_tracing_code"] = []
+    for _ in range(args.rounds):
+        modes["off"] += asyncio.run(_path_round(args.requests, False))
+        modes["on_ring_only"] += asyncio.run(_path_round(args.requests, True))
+        if args.baseline_tree:
+            env = {**os.environ, "PYTHONPATH": f"{args.baseline_tree}:{os.getcwd()}"}
+            argv = [sys.executable, "-m", "tests.bench.tracing_overhead", "--one-round", "off"]
+            argv += ["--requests", str(args.requests)]
+            out = subprocess.run(
+                argv, env=env, cwd=args.baseline_tree, capture_output=True, text=True, check=True
+            )
+            modes["baseline_no_tracing_code"] += json.loads(out.stdout.splitlines()[-1])
+    result["path_us_per_request"] = {name: _summary(v) for name, v in modes.items()}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
