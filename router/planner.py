@@ -175,6 +175,8 @@ class Planner:
                 self.decode_policy.commit(pick, local_req)
                 self._count(Decision(False, reason))
                 return Plan(Mode.COLOCATED, pick.worker, None, reason, pick.cached_tokens)
+        if self.metrics is not None:
+            self.metrics.decisions.labels("decode", self.decode_policy.name, "no_candidate").inc()
         raise NoCapacityError("no healthy worker can serve this request; retry later")
 
     def _count(self, decision: Decision) -> None:

@@ -120,6 +120,10 @@ def test_never_mode_colocates_and_decisions_are_counted() -> None:
     assert planner.plan([1]).mode is Mode.COLOCATED
     assert metrics.disaggregation.labels("colocated", "no_prefill")._value.get() == 1
     assert metrics.decisions.labels("decode", "least_load", "no_prefix")._value.get() == 1
+    planner.pool.workers = []
+    with pytest.raises(NoCapacityError):
+        planner.plan([1])
+    assert metrics.decisions.labels("decode", "least_load", "no_candidate")._value.get() == 1
 
 
 # --- the disaggregation decision (auto) ---------------------------------------------

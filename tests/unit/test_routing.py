@@ -201,3 +201,43 @@ async def test_http_route_header_and_session_affinity() -> None:
         await pool.close()
         for server, _ in served:
             await server.stop(None)
+
+
+def test_launcher_gives_every_worker_of_larger_pools_its_own_ports(tmp_path: object) -> None:
+    """`pdserve up --prefill 2 --decode 3 --policy kv_aware --disaggregation auto`."""
+    from pathlib import Path
+
+    from pdserve.config import ClusterConfig, PoolConfig
+    from pdserve.deploy.local.launcher import plan_components
+
+    config = ClusterConfig(
+        model="tiny",
+        prefill=PoolConfig(2),
+        decode=PoolConfig(3),
+        policy="kv_aware",
+        disaggregation="auto",
+    )
+    workers, router = plan_components(config, Path("/m"), Path(str(tmp_path)))
+    assert [w.name for w in workers] == [
+        "prefill-0",
+        "prefill-1",
+        "decode-0",
+        "decode-1",
+        "decode-2",
+    ]
+
+    def flag(argv: list[str], name: str) -> int:
+        return int(argv[argv.index(name) + 1])
+
+    ports = [
+        {flag(w.argv, f) for f in ("--port", "--metrics-port", "--kv-port")}
+        | {flag(w.argv, "--kv-events-port"), flag(w.argv, "--kv-events-port") + 1}
+        for w in workers
+    ]
+    assert all(len(p) == 5 for p in ports)
+    assert len(set().union(*ports)) == 5 * len(workers)  # nothing shared between workers
+    # The replay port stays inside the worker's KV range, clear of its NIXL ranks.
+    for w in workers:
+        assert flag(w.argv, "--kv-events-port") + 1 < flag(w.argv, "--kv-port") + 8
+    assert router.argv[router.argv.index("--policy") + 1] == "kv_aware"
+    assert router.argv[router.argv.index("--disaggregation") + 1] == "auto"
