@@ -41,7 +41,8 @@ class Workload:
     output: tuple[int, int] = (64, 512)
 
     def poisson(self, rate: float, duration_s: float, seed: int) -> list[SimRequest]:
-        rng, t, out = random.Random(seed), 0.0, []
+        rng, t = random.Random(seed), 0.0
+        out: list[SimRequest] = []
         while True:
             t += rng.expovariate(rate)
             if t > duration_s:
