@@ -69,28 +69,27 @@ class BlockHasher:
         if seed is None:
             seed = os.environ.get("PYTHONHASHSEED", VLLM_NONE_HASH_SEED)
         self._none_hash = self._fn(seed)
-        self._cache: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+        # (parent digest, block tokens) -> (digest, published 64-bit hash)
+        self._cache: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] = {}
 
-    def block_digests(self, token_ids: Sequence[int]) -> list[bytes]:
-        """Full-length digests of every full block (a partial last block is not cached)."""
+    def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
+        """The published hash of every full block (a partial last block is not cached)."""
         parent = self._none_hash
-        out: list[bytes] = []
+        out: list[int] = []
         bs = self.block_size
         cache = self._cache
         for start in range(0, len(token_ids) - bs + 1, bs):
             block = tuple(token_ids[start : start + bs])
-            digest = cache.get((parent, block))
-            if digest is None:
+            found = cache.get((parent, block))
+            if found is None:
                 digest = self._fn((parent, block, None))
+                found = (digest, external_hash(digest))
                 if len(cache) >= CACHED_BLOCKS:
                     cache.clear()
-                cache[(parent, block)] = digest
-            parent = digest
-            out.append(parent)
+                cache[(parent, block)] = found
+            parent = found[0]
+            out.append(found[1])
         return out
-
-    def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return [external_hash(d) for d in self.block_digests(token_ids)]
 
     def first_block_hash(self, token_ids: Sequence[int]) -> int:
         """The hash of a parentless block with these tokens (checks against engine events)."""

@@ -121,16 +121,17 @@ class Policy:
     ) -> list[float]:
         """The load-only scorers' weighted sum per candidate, recomputed only for workers
         whose load report or in-flight count changed since the last request."""
-        totals = [0.0] * len(candidates)
         if not self._load_scorers:
-            return totals
-        stale: list[int] = []
-        for i, w in enumerate(candidates):
-            cached = self._load_cache.get(w.address)
-            if cached is not None and cached[0] is w.load and cached[1] == w.in_flight:
-                totals[i] = cached[2]
-            else:
-                stale.append(i)
+            return [0.0] * len(candidates)
+        get = self._load_cache.get
+        found = [
+            c[2]
+            if (c := get(w.address)) is not None and c[0] is w.load and c[1] == w.in_flight
+            else None
+            for w in candidates
+        ]
+        stale = [i for i, t in enumerate(found) if t is None]
+        totals = [0.0 if t is None else t for t in found]
         if stale:
             workers = [candidates[i] for i in stale]
             for scorer, weight in self._load_scorers:

@@ -45,8 +45,10 @@ class PrefixScorer(Scorer):
         matched = request.matched_tokens(self.lookup)
         if not matched:
             return [0.0] * len(candidates)
-        n = max(request.prompt_len, 1)
-        return [min(matched.get(w.address, 0), n) / n for w in candidates]
+        # Matched tokens are whole blocks of the prompt: never more than its length.
+        inv = 1.0 / max(request.prompt_len, 1)
+        get = matched.get
+        return [get(w.address, 0) * inv for w in candidates]
 
     def picked(self, worker: WorkerClient, request: SchedulingRequest) -> None:
         self.lookup.observe(worker.address, request.blocks)
