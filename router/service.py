@@ -36,7 +36,7 @@ from pdserve.router.request_trace import WorkerCallSpan, plan_attributes
 from pdserve.router.retry import Attempt, Failover, FailoverState, WorkerFailure
 from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.sampling import FINISH_REASON_NAMES
-from pdserve.tracing import EVENT_FALLBACK, NO_TRACE, RequestTrace
+from pdserve.tracing import EVENT_FALLBACK, NO_TRACE, RequestTrace, wall_ns_from_monotonic
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 
@@ -127,6 +127,8 @@ class GenerationService:
         check_sampling(call.sampling)
         async with self.admission.admitted():
             self.metrics.queue_time.observe(time.monotonic() - call.arrival)
+            if call.trace.enabled:
+                call.trace.record("admission", wall_ns_from_monotonic(call.arrival), time.time_ns())
             async for delta in self._generate(call):
                 yield delta
 

@@ -133,7 +133,14 @@ async def test_one_trace_per_request_with_the_expected_tree(setup: Setup, stream
     assert r.headers["x-request-id"] == "req-9"
     assert r.headers["x-trace-id"] == CLIENT_TRACE
     spans = _by_name(setup.spans.get_finished_spans())
-    assert set(spans) == {"POST /v1/completions", "tokenize", "schedule", "prefill", "decode"}
+    assert set(spans) == {
+        "POST /v1/completions",
+        "tokenize",
+        "admission",
+        "schedule",
+        "prefill",
+        "decode",
+    }
     assert {format(s.context.trace_id, "032x") for s in spans.values() if s.context} == {
         CLIENT_TRACE
     }
@@ -141,13 +148,13 @@ async def test_one_trace_per_request_with_the_expected_tree(setup: Setup, stream
     assert root.parent is not None and root.parent.is_remote
     assert _parent_id(root) == CLIENT_SPAN  # the client's span parents the router's root
     assert root.attributes is not None and root.attributes["pdserve.request_id"] == "req-9"
-    for name in ("tokenize", "schedule", "prefill", "decode"):
+    for name in ("tokenize", "admission", "schedule", "prefill", "decode"):
         child = spans[name]
         assert _parent_id(child) == _span_id(root)
         assert root.start_time is not None and root.end_time is not None
         assert child.start_time is not None and child.end_time is not None
         assert root.start_time <= child.start_time <= child.end_time <= root.end_time
-    order = ["tokenize", "schedule", "prefill", "decode"]
+    order = ["tokenize", "admission", "schedule", "prefill", "decode"]
     starts = [spans[n].start_time or 0 for n in order]
     assert starts == sorted(starts)
     schedule = spans["schedule"].attributes or {}
@@ -168,7 +175,7 @@ async def test_one_trace_per_request_with_the_expected_tree(setup: Setup, stream
     assert r.status_code == 200
     timeline = Timeline.from_json(r.json())
     assert timeline.spans[0].name == "POST /v1/completions"
-    assert len(timeline.spans) == 5 and timeline.trace_id == CLIENT_TRACE
+    assert len(timeline.spans) == 6 and timeline.trace_id == CLIENT_TRACE
     assert "decode" in format_timeline(timeline)
     assert (await setup.http.get("/debug/requests")).json()["requests"] == ["req-9"]
 

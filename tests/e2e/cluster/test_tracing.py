@@ -27,7 +27,7 @@ from tests.e2e.prompts import COMPLETION_CASES, SERVED_NAME
 
 pytestmark = pytest.mark.e2e
 
-ROUTER_SPANS = {"tokenize", "schedule", "prefill", "decode"}
+ROUTER_SPANS = {"tokenize", "admission", "schedule", "prefill", "decode"}
 PREFILL_SPANS = {"worker.prefill", "queue", "prefill_compute"}
 DECODE_SPANS = {"worker.decode", "kv_transfer", "first_token", "decode_compute"}
 # Span times from different processes on one host share the wall clock; worker stage
