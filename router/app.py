@@ -18,9 +18,10 @@ from pdserve.grpc_options import SERVER_OPTIONS
 from pdserve.metrics import RouterMetrics
 from pdserve.router.api.grpc import InferenceServicer
 from pdserve.router.api.http import build_http_app
-from pdserve.router.auth import ApiKeys, GrpcAuthInterceptor
+from pdserve.router.auth import ApiKeys
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.discovery.static import StaticDiscovery
+from pdserve.router.grpc_guard import router_interceptors
 from pdserve.router.planner import Planner
 from pdserve.router.routing import Routing
 from pdserve.router.service import GenerationService
@@ -114,8 +115,7 @@ async def serve(config: RouterConfig) -> None:
     )
 
     keys = ApiKeys(config.auth, metrics)
-    interceptors = [GrpcAuthInterceptor(keys)] if keys.enabled else []
-    grpc_server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    grpc_server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=router_interceptors(keys))
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(service, tokenizer, tracing), grpc_server
     )

@@ -20,7 +20,8 @@ from pdserve.models import resolve_model
 from pdserve.router.admission import Admission
 from pdserve.router.api.grpc import InferenceServicer
 from pdserve.router.api.http import build_http_app
-from pdserve.router.auth import ApiKeys, GrpcAuthInterceptor, bearer_token
+from pdserve.router.auth import ApiKeys, bearer_token
+from pdserve.router.grpc_guard import router_interceptors
 from pdserve.router.planner import Planner
 from pdserve.router.scheduling.policy import make_policy
 from pdserve.router.service import GenerationService
@@ -63,8 +64,7 @@ async def start_router(
     app = build_http_app(service, tokenizer, metrics.registry, planner.can_serve, 4096)
     if keys.enabled:
         app.middleware("http")(keys.http_middleware())
-    interceptors = [GrpcAuthInterceptor(keys)] if keys.enabled else []
-    grpc_server = grpc.aio.server(interceptors=interceptors)
+    grpc_server = grpc.aio.server(interceptors=router_interceptors(keys))
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceServicer(service, tokenizer), grpc_server
     )

@@ -213,3 +213,33 @@ async def test_grpc_classic_hostile_requests(router: Router) -> None:
     assert router.worker.requests == []
     ok = ipb.GenerateRequest(model=MODEL, prompt="hi", sampling=cpb.SamplingParams(max_tokens=2))
     assert await grpc_generate(router, ok) == grpc.StatusCode.OK
+
+
+@EXAMPLES
+@given(raw=st.binary(min_size=1, max_size=120))
+async def test_fuzzed_protobuf_bytes_are_invalid_argument(router: Router, raw: bytes) -> None:
+    """Bytes that are not a GenerateRequest: a clear INVALID_ARGUMENT, never UNKNOWN."""
+    async with grpc.aio.insecure_channel(router.grpc_target) as channel:
+        call = channel.unary_stream(
+            "/pdserve.v1.Inference/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        try:
+            async for _ in call(raw, timeout=30):
+                pass
+        except grpc.aio.AioRpcError as e:
+            assert e.code() not in SERVER_FAULTS, (raw, e.code(), e.details())
+
+
+async def test_corrupt_protobuf_is_invalid_argument(router: Router) -> None:
+    async with grpc.aio.insecure_channel(router.grpc_target) as channel:
+        call = channel.unary_stream(
+            "/pdserve.v1.Inference/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call(b"\xff\xff\xff\x0f garbage", timeout=30):
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
