@@ -9,6 +9,7 @@ import grpc
 
 from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.logs import request_id_from, set_request_context
+from pdserve.router.api.http import ROUTE_HEADER, SESSION_HEADER
 from pdserve.router.service import GenerateCall, GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.sampling import FINISH_REASON_BY_NAME
@@ -71,8 +72,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sampling = cpb.SamplingParams()
             sampling.CopyFrom(request.sampling)
             sampling.max_tokens = self.service.resolve_max_tokens(len(prompt_ids), requested)
-            call = GenerateCall(request_id, prompt_ids, sampling, time.monotonic(), trace)
+            session = next((v for k, v in metadata if k == SESSION_HEADER), None)
+            call = GenerateCall(
+                request_id, prompt_ids, sampling, time.monotonic(), trace, session_key=session
+            )
             async for delta in self.service.generate(call):
+                if delta.route:
+                    context.set_trailing_metadata(
+                        ((REQUEST_ID_KEY, request_id), (ROUTE_HEADER, delta.route))
+                    )
                 msg = pb.GenerateResponse(
                     request_id=request_id, text=delta.text, token_ids=delta.token_ids
                 )

@@ -159,9 +159,13 @@ async def test_http_route_header_and_session_affinity() -> None:
     from pdserve.config import PolicyConfig
     from pdserve.metrics import RouterMetrics
     from pdserve.models import resolve_model
+    from pdserve.router.api.grpc import InferenceServicer
     from pdserve.router.api.http import build_http_app
     from pdserve.router.service import GenerationService
     from pdserve.router.tokenize import PromptTokenizer
+    from pdserve.v1 import common_pb2 as cpb
+    from pdserve.v1 import inference_pb2 as ipb
+    from pdserve.v1 import inference_pb2_grpc
 
     fakes = [NamedWorker(pb.ROLE_PREFILL, "p0"), NamedWorker(pb.ROLE_DECODE, "d0")]
     fakes.append(NamedWorker(pb.ROLE_DECODE, "d1"))
@@ -196,6 +200,27 @@ async def test_http_route_header_and_session_affinity() -> None:
                 assert len(routes) == 1, (session, routes)
                 by_user = await client.post("/v1/completions", json={**body, "user": session})
                 assert by_user.headers["x-pdserve-route"].split(";")[1] in routes
+        # The gRPC API: session from metadata, the decision in trailing metadata.
+        grpc_server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(service, tokenizer), grpc_server
+        )
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = ipb.GenerateRequest(
+                model=MODEL, prompt="hello", sampling=cpb.SamplingParams(max_tokens=2)
+            )
+            homes = set()
+            for _ in range(3):
+                call = stub.Generate(request, metadata=(("x-session-id", "dave"),))
+                assert [m.text async for m in call]
+                trailing = dict(await call.trailing_metadata())  # type: ignore[arg-type]
+                assert trailing["x-pdserve-route"].startswith("disaggregated; decode=d")
+                homes.add(trailing["x-pdserve-route"].split(";")[1])
+            assert len(homes) == 1
+        await grpc_server.stop(None)
     finally:
         await routing.close()
         await pool.close()
