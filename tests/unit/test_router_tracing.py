@@ -248,3 +248,48 @@ async def test_tracing_off_sends_no_traceparent(tokenizer: PromptTokenizer) -> N
     assert "traceparent" not in decode.metadata[0]
     await pool.close()
     await server.stop(None)
+
+
+async def test_pdserve_inspect_prints_the_timeline(setup: Setup) -> None:
+    """`pdserve inspect` against the router's HTTP app served on a real port."""
+    import asyncio
+    import socket
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from pdserve.cli import app as cli
+
+    headers = {"x-request-id": "inspect-7"}
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    assert (await setup.http.post("/v1/completions", json=body, headers=headers)).is_success
+    asgi_app = setup.http._transport.app  # type: ignore[attr-defined]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(asgi_app, port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    for _ in range(1000):  # uvicorn sets `started` once it listens
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    try:
+        router = f"http://127.0.0.1:{port}"
+        runner = CliRunner()
+        found = await asyncio.to_thread(
+            runner.invoke, cli, ["inspect", "inspect-7", "--router", router]
+        )
+        missing = await asyncio.to_thread(
+            runner.invoke, cli, ["inspect", "nope", "--router", router]
+        )
+    finally:
+        server.should_exit = True
+        await task
+    assert found.exit_code == 0, found.output
+    lines = found.output.splitlines()
+    assert lines[0].startswith("request inspect-7  trace ")
+    span_lines = [line for line in lines[2:] if "* " not in line]  # not the event lines
+    names = ["POST /v1/completions", "tokenize", "admission", "schedule", "prefill", "decode"]
+    for name, line in zip(names, span_lines, strict=True):
+        assert name in line, (name, line)
+    assert missing.exit_code == 1 and "no timeline" in missing.output
