@@ -1,0 +1,173 @@
+"""The worker's spans: the real WorkerServicer over real gRPC, with a fake engine that
+streams vLLM-shaped outputs (RequestOutput fields, RequestStateStats timings).
+
+Checks the parent from the router's traceparent, the stage spans from vLLM's timings,
+the KV-transfer span's bytes against the worker's byte counter, and the stage timings
+returned in trailing metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from pdserve.config import EngineConfig, Role, TracingConfig, WorkerConfig
+from pdserve.kv_transfer.metadata import KvLayout
+from pdserve.kv_transfer.nixl import NixlTransport
+from pdserve.kv_transfer.wire import handle_to_proto
+from pdserve.metrics import WorkerMetrics
+from pdserve.tracing import Tracing
+from pdserve.v1 import common_pb2 as cpb
+from pdserve.v1 import worker_pb2 as pb
+from pdserve.v1 import worker_pb2_grpc
+from pdserve.worker.engine import LoadSnapshot
+from pdserve.worker.servicer import WorkerServicer
+from pdserve.worker.timings import TIMINGS_METADATA_KEY, parse_timings
+
+LAYOUT = KvLayout("fake-model", "float32", 16, 4, 2, 32, 1, 1)
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@dataclass
+class Stats:
+    """The fields of vLLM's RequestStateStats (engine-core monotonic stamps)."""
+
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Output:
+    outputs: list[Completion]
+    finished: bool
+    metrics: Stats
+    num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+@dataclass
+class FakeEngine:
+    """Streams like vLLM's AsyncLLM: 3 tokens, or one token and KV params for a prefill."""
+
+    layout: KvLayout = LAYOUT
+    transport: NixlTransport = field(default_factory=lambda: NixlTransport(30.0))
+    load: LoadSnapshot = field(default_factory=LoadSnapshot)
+    max_model_len: int = 512
+
+    async def generate(self, request_id: str, prompt: list[int], params: Any) -> AsyncIterator[Any]:
+        t = time.monotonic()
+        stats = Stats(queued_ts=t, scheduled_ts=t + 0.002)
+        kv = (params.extra_args or {}).get("kv_transfer_params") or {}
+        if kv.get("do_remote_decode"):
+            stats.first_token_ts = stats.last_token_ts = t + 0.004
+            params_out = {
+                "remote_engine_id": "prefill-0",
+                "remote_block_ids": [[1, 2, 3]],
+                "remote_host": "127.0.0.1",
+                "remote_port": 5600,
+                "remote_request_id": request_id,
+            }
+            yield Output([Completion("a", [7], "length")], True, stats, 0, params_out)
+            return
+        for i in range(3):
+            stats.last_token_ts = t + 0.004 + 0.001 * i
+            stats.first_token_ts = stats.first_token_ts or stats.last_token_ts
+            done = i == 2
+            yield Output([Completion("x", [10 + i], "length" if done else None)], done, stats)
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, InMemorySpanExporter, Any]]:
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.create(TracingConfig(), "pdserve-worker", [SimpleSpanProcessor(exporter)])
+    config = WorkerConfig(Role.BOTH, EngineConfig("unused", "fake-model"), "both-0")
+    metrics = WorkerMetrics(CollectorRegistry(), "both")
+    servicer = WorkerServicer(config, FakeEngine(), metrics, tracing)  # type: ignore[arg-type]
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield worker_pb2_grpc.WorkerStub(channel), exporter, metrics
+    await channel.close()
+    await server.stop(None)
+
+
+def _request(stage: int, handle: pb.KvHandle | None = None) -> pb.WorkerGenerateRequest:
+    req = pb.WorkerGenerateRequest(
+        request_id="r1",
+        prompt_token_ids=list(range(40)),
+        sampling=cpb.SamplingParams(max_tokens=3),
+        stage=stage,
+    )
+    if handle is not None:
+        req.kv_handle.CopyFrom(handle)
+    return req
+
+
+async def test_decode_spans_bytes_and_trailing_timings(worker: Any) -> None:
+    stub, exporter, metrics = worker
+    handle = NixlTransport(30.0).handle_from_prefill(
+        {
+            "remote_engine_id": "prefill-0",
+            "remote_block_ids": [[1, 2, 3]],
+            "remote_host": "127.0.0.1",
+            "remote_port": 5600,
+            "remote_request_id": "r1",
+        },
+        LAYOUT,
+        40,
+        now_ms=int(time.time() * 1000),
+    )
+    parent = "00f067aa0ba902b7"
+    call = stub.Generate(
+        _request(pb.STAGE_DECODE, handle_to_proto(handle)),
+        metadata=(("traceparent", f"00-{TRACE}-{parent}-01"),),
+    )
+    messages = [m async for m in call]
+    assert [t for m in messages for t in m.token_ids] == [10, 11, 12]
+    timings = parse_timings(dict(await call.trailing_metadata()))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"worker.decode", "kv_transfer", "first_token", "decode_compute"}
+    root = spans["worker.decode"]
+    assert root.parent is not None and format(root.parent.span_id, "016x") == parent
+    assert format(root.context.trace_id, "032x") == TRACE
+    for name in ("kv_transfer", "first_token", "decode_compute"):
+        child = spans[name]
+        assert child.parent is not None and child.parent.span_id == root.context.span_id
+        assert root.start_time <= child.start_time <= child.end_time <= root.end_time
+    transfer = spans["kv_transfer"]
+    assert abs((transfer.end_time - transfer.start_time) - 2_000_000) < 10_000  # queued->scheduled
+    counted = metrics.kv_transfer_bytes.labels("both", "nixl")._value.get()
+    assert transfer.attributes["pdserve.kv.bytes"] == counted == 3 * LAYOUT.block_bytes()
+    assert transfer.attributes["pdserve.kv.blocks"] == 3
+    assert timings["kv_bytes"] == counted and timings["kv_transfer_ms"] == pytest.approx(2, 0.01)
+
+
+async def test_prefill_spans_and_no_timings_without_a_trace(worker: Any) -> None:
+    stub, exporter, _ = worker
+    call = stub.Generate(_request(pb.STAGE_PREFILL))
+    (msg,) = [m async for m in call]
+    assert msg.kv_handle.transport == "nixl"
+    # Without a traceparent the worker still traces (its own root) but returns no timings.
+    assert TIMINGS_METADATA_KEY not in dict(await call.trailing_metadata())
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"worker.prefill", "queue", "prefill_compute"}
+    assert spans["worker.prefill"].parent is None
