@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +31,14 @@ class Workers:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.ready: set[str] = set()
+        self.dying: set[str] = set()  # these exit at once with code 3
         self.built: list[Component] = []
 
     def build(self, role: Role, name: str, slot: int) -> Component:
+        code = "raise SystemExit(3)" if name in self.dying else "import time; time.sleep(120)"
         c = Component(
             name,
-            [sys.executable, "-c", "import time; time.sleep(120)"],
+            [sys.executable, "-c", code],
             self.log_dir / f"{name}.log",
             lambda: name in self.ready,
             role=role,
@@ -297,3 +300,37 @@ async def test_router_keeps_its_members_while_the_launcher_is_unreachable() -> N
     assert not task.done()
     task.cancel()
     await router.close()
+
+
+def test_scale_command_waits_and_fails_when_the_pool_settles_short(
+    control: tuple[Pools, str], workers: Workers
+) -> None:
+    from typer.testing import CliRunner
+
+    from pdserve.cli import app
+
+    pools, url = control
+    stop = threading.Event()
+
+    def supervise() -> None:  # the launcher's loop, as `pdserve up` runs it
+        while not stop.is_set():
+            pools.reconcile()
+            time.sleep(0.05)
+
+    loop = threading.Thread(target=supervise, daemon=True)
+    loop.start()
+    try:
+        workers.ready.add("decode-1")
+        ok = CliRunner().invoke(app, ["scale", "decode", "2", "--control-url", url])
+        assert ok.exit_code == 0, ok.output
+        assert "decode 2" in ok.output
+        # The next new worker dies while starting: the pool settles at 2, not 3.
+        workers.dying.add("decode-2")
+        short = CliRunner().invoke(
+            app, ["scale", "decode", "3", "--control-url", url, "--timeout-s", "20"]
+        )
+        assert short.exit_code == 1
+        assert "settled at" in short.output and "not 3" in short.output
+    finally:
+        stop.set()
+        loop.join(timeout=5)
