@@ -241,10 +241,12 @@ class GenerationService:
             if usage is not None:
                 self.metrics.prompt_tokens.inc(usage.prompt_tokens)
                 self.metrics.generation_tokens.inc(usage.completion_tokens)
+            if finish is not None:
+                # Before the yield: a consumer that stops at the finish reason closes this
+                # generator there, and nothing after the yield would run.
+                self.metrics.e2e.labels(mode).observe(time.monotonic() - call.arrival)
             yield Delta(msg.text, list(msg.token_ids), finish, usage, route)
             route = None
-            if finish is not None:
-                self.metrics.e2e.labels(mode).observe(time.monotonic() - call.arrival)
 
     async def _worker_stream(
         self, worker: WorkerClient, request: pb.WorkerGenerateRequest, trace: RequestTrace

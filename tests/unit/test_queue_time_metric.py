@@ -1,8 +1,11 @@
-"""The router's admission queue-time histogram: the time from arrival to admission."""
+"""Router latency histograms: admission queue time, and one end-to-end duration and one
+TTFT per finished request (streamed or not)."""
 
 from __future__ import annotations
 
 import asyncio
+
+from prometheus_client import CollectorRegistry
 
 from pdserve.config import AdmissionConfig, AuthConfig
 from pdserve.router.tokenize import PromptTokenizer
@@ -27,3 +30,18 @@ async def test_a_waiting_request_records_its_wait(tokenizer: PromptTokenizer) ->
         assert sample(QUEUE_TIME + "_bucket", {"le": "0.01"}) == 1
         waited = sample(QUEUE_TIME + "_sum")
         assert waited is not None and 0.3 < waited < 5
+
+
+def _total(registry: CollectorRegistry, name: str) -> float:
+    """``name`` summed over all its label sets."""
+    return sum(s.value for family in registry.collect() for s in family.samples if s.name == name)
+
+
+async def test_every_finished_request_records_its_duration(tokenizer: PromptTokenizer) -> None:
+    async for r in start_router(tokenizer, AdmissionConfig(), AuthConfig()):
+        for stream in (False, True, False):
+            resp = await r.http.post("/v1/completions", json=body(3, stream=stream))
+            assert resp.status_code == 200
+        registry = r.metrics.registry
+        assert _total(registry, "pdserve_router_request_duration_seconds_count") == 3
+        assert _total(registry, "pdserve_router_time_to_first_token_seconds_count") == 3
