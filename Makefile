@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/pdserve/v1/*.proto)
 GEN    := pdserve/v1/.generated
 UP_ARGS ?= --model default --prefill 1 --decode 1
 
-.PHONY: install proto up test test-topology lint typecheck unit e2e clean
+.PHONY: install proto up test test-topology test-chaos lint typecheck unit e2e clean
 
 install: $(STAMP) $(GEN)
 
@@ -57,7 +57,15 @@ e2e: install
 # start-up takes 4-12 min (PP needs torch.compile) and it is not yet reliable there
 # (see docs/testing.md). Run it with `make test-topology`.
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/topology --ignore=tests/e2e/grpc_topology
+	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/topology --ignore=tests/e2e/grpc_topology \
+		--ignore=tests/chaos
+	PDSERVE_CHAOS_TOY=1 $(BIN)/pytest -q -ra tests/chaos
+
+# The chaos suite (tests/chaos) kills, stops and restarts real workers of its own 1P+2D
+# cluster. `make test` runs it with toy workers (real processes and signals, no engines,
+# about 2 min); with vLLM engines it takes about 5-6 min on 2 cores: `make test-chaos`.
+test-chaos: install
+	$(BIN)/pytest -q -ra -s tests/chaos
 
 test-topology: install
 	$(BIN)/pytest -q -ra tests/e2e/topology tests/e2e/grpc_topology

@@ -88,6 +88,12 @@ class UnauthenticatedError(PdserveError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class WorkerDrainingError(NoCapacityError):
+    """The worker is shutting down and takes no new requests (others may)."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class WorkerError(PdserveError):
     """A worker failed while serving the request."""
 

@@ -43,13 +43,21 @@ class WorkerFailure(Exception):
     reported an error (for a decode worker, most often a KV pull from a failed prefill)."""
 
     def __init__(
-        self, worker: WorkerClient, stage: str, error: PdserveError, *, unreachable: bool
+        self,
+        worker: WorkerClient,
+        stage: str,
+        error: PdserveError,
+        *,
+        unreachable: bool,
+        refused: bool = False,
     ) -> None:
         super().__init__(error.message)
         self.worker = worker
         self.stage = stage
         self.error = error
         self.unreachable = unreachable
+        # The worker declined the request (draining, full): others may take it.
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ class Failover:
         address = failure.worker.address
         state.live_failures[address] = state.live_failures.get(address, 0) + 1
         if (
-            not failure.unreachable
+            not (failure.unreachable or failure.refused)
             and not state.progress.token_ids  # mid-stream, the KV was already pulled
             and failure.stage == "decode"
             and plan.prefill is not None

@@ -301,7 +301,10 @@ class GenerationService:
         )
         if unreachable:
             worker.breaker.record_failure(f"request failed: {e.code().name}")
-        return WorkerFailure(worker, _stage_name(request), error, unreachable=unreachable)
+        refused = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return WorkerFailure(
+            worker, _stage_name(request), error, unreachable=unreachable, refused=refused
+        )
 
 
 def _stage_name(request: pb.WorkerGenerateRequest) -> str:

@@ -18,8 +18,8 @@ from pdserve.errors import (
     InvalidRequestError,
     KvIncompatibleError,
     KvTransferError,
-    NoCapacityError,
     PdserveError,
+    WorkerDrainingError,
     WorkerError,
 )
 from pdserve.kv_transfer.wire import handle_to_proto, layout_to_proto
@@ -159,7 +159,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _sampling_params(self, request: pb.WorkerGenerateRequest) -> Any:
         if self.draining:
-            raise NoCapacityError(f"worker {self.config.worker_id} is draining")
+            raise WorkerDrainingError(f"worker {self.config.worker_id} is draining")
         if request.stage not in _STAGES_BY_ROLE[self.config.role]:
             raise InvalidRequestError(
                 f"a {self.config.role.value} worker does not run stage "

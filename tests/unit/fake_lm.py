@@ -38,9 +38,17 @@ def continuation(prompt: Sequence[int], n: int) -> list[int]:
 
 
 class ToyWorker(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, role: int, model_id: str) -> None:
+    def __init__(
+        self,
+        role: int,
+        model_id: str,
+        worker_id: str | None = None,
+        max_model_len: int = MAX_MODEL_LEN,
+    ) -> None:
         self.role = role
         self.model_id = model_id
+        self.worker_id = worker_id or f"toy-{role}-{id(self)}"
+        self.max_model_len = max_model_len
         self.requests: list[pb.WorkerGenerateRequest] = []
         self.fail_with: grpc.StatusCode | None = None  # refuse every Generate
         self.die_after: int | None = None  # abort UNAVAILABLE after this many tokens
@@ -49,6 +57,10 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
         self.token_delay_s = 0.0
         self.started = asyncio.Event()  # set when a stream sent its first token
         self.cancelled = 0  # streams the router cancelled
+        self.draining = False  # refuse new streams, report draining (SIGTERM)
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def Generate(
         self, request: pb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
@@ -56,6 +68,21 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
         self.requests.append(request)
         if self.fail_with is not None:
             await context.abort(self.fail_with, "injected failure")
+        if self.draining:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "worker is draining")
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            async for msg in self._generate(request, context):
+                yield msg
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def _generate(
+        self, request: pb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         prompt = list(request.prompt_token_ids)
         if request.stage == pb.STAGE_PREFILL:
             handle = pb.KvHandle(
@@ -103,10 +130,10 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfo:
         return pb.WorkerInfo(
-            worker_id=f"toy-{self.role}-{id(self)}",
+            worker_id=self.worker_id,
             role=self.role,
             model_id=self.model_id,
-            max_model_len=MAX_MODEL_LEN,
+            max_model_len=self.max_model_len,
         )
 
     async def GetLoad(
@@ -114,7 +141,7 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
     ) -> pb.LoadReport:
         if self.hang_health:
             await asyncio.sleep(3600)
-        return pb.LoadReport()
+        return pb.LoadReport(running_requests=self.in_flight, draining=self.draining)
 
 
 async def serve_toy(worker: ToyWorker) -> tuple[grpc.aio.Server, str]:
@@ -123,3 +150,11 @@ async def serve_toy(worker: ToyWorker) -> tuple[grpc.aio.Server, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
+
+
+async def serve_toy_at(worker: ToyWorker, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    server.add_insecure_port(address)
+    await server.start()
+    return server
