@@ -11,13 +11,17 @@ from typing import Annotated
 import typer
 
 from pdserve.config import (
+    AdmissionConfig,
+    AuthConfig,
     ClusterConfig,
     DisaggregationMode,
     DiscoveryConfig,
     DiscoveryMode,
     EngineConfig,
+    HealthConfig,
     PolicyConfig,
     PoolConfig,
+    RetryConfig,
     Role,
     RouterConfig,
     SchedulingConfig,
@@ -317,6 +321,37 @@ def router(
             min=0,
         ),
     ] = 0,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="PDSERVE_API_KEY",
+            help="accepted client API key (repeat; env: comma-separated); none: open API",
+        ),
+    ] = None,
+    rate_limit_rps: Annotated[
+        float, typer.Option(help="requests/s per API key (0: no limit)", min=0)
+    ] = 0.0,
+    max_in_flight: Annotated[
+        int, typer.Option(help="requests served at once (0: no limit)", min=0)
+    ] = AdmissionConfig.max_in_flight,
+    max_queue: Annotated[
+        int, typer.Option(help="requests waiting for a slot; more get 429", min=0)
+    ] = AdmissionConfig.max_queue,
+    queue_timeout: Annotated[
+        float, typer.Option(help="seconds a request may wait for a slot", min=0)
+    ] = AdmissionConfig.queue_timeout_s,
+    retry_budget: Annotated[
+        int, typer.Option(help="retries on other workers before the first token", min=0)
+    ] = RetryConfig.budget,
+    health_check_timeout: Annotated[
+        float, typer.Option(help="deadline of a worker health check (s)", min=0.01)
+    ] = HealthConfig.check_timeout_s,
+    breaker_failures: Annotated[
+        int, typer.Option(help="consecutive failures that open a worker's circuit", min=1)
+    ] = HealthConfig.failure_threshold,
+    breaker_cooldown: Annotated[
+        float, typer.Option(help="seconds an open circuit waits for its probe", min=0)
+    ] = HealthConfig.cooldown_s,
 ) -> None:
     """Run the router: OpenAI-compatible HTTP API and gRPC API in front of the workers."""
     from pdserve.models import resolve_model
@@ -346,8 +381,20 @@ def router(
         ),
         tracing=_tracing_config(otlp_endpoint),
         timeline_ring=timeline_ring,
+        health=HealthConfig(breaker_failures, breaker_cooldown, health_check_timeout),
+        retry=RetryConfig(budget=retry_budget),
+        admission=AdmissionConfig(
+            max_in_flight=max_in_flight, max_queue=max_queue, queue_timeout_s=queue_timeout
+        ),
+        auth=AuthConfig(api_keys=_api_keys(api_key), rate_limit_rps=rate_limit_rps),
     )
     asyncio.run(serve(config))
+
+
+def _api_keys(values: list[str] | None) -> tuple[str, ...]:
+    """--api-key values; PDSERVE_API_KEY may hold several, comma-separated."""
+    keys = [k.strip() for v in values or () for k in v.split(",")]
+    return tuple(k for k in keys if k)
 
 
 @app.command()
