@@ -53,12 +53,10 @@ unit: install
 e2e: install
 	$(BIN)/pytest -q tests/e2e
 
-# The TP=2 -> PP=2 cluster (tests/e2e/topology) is not in the default run: on 2 cores its
-# start-up takes 4-12 min (PP needs torch.compile) and it is not yet reliable there
-# (see docs/testing.md). Run it with `make test-topology`.
+# The NIXL TP=2 -> PP=2 cluster (tests/e2e/topology) is in the default run; the gRPC
+# PP=2 -> TP=2 cluster (tests/e2e/grpc_topology) runs with `make test-topology`.
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/topology --ignore=tests/e2e/grpc_topology \
-		--ignore=tests/chaos
+	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/grpc_topology --ignore=tests/chaos
 	PDSERVE_CHAOS_TOY=1 $(BIN)/pytest -q -ra tests/chaos
 
 # The chaos suite (tests/chaos) kills, stops and restarts real workers of its own 1P+2D

@@ -160,7 +160,7 @@ def worker(
     pipeline_parallel_size: int = 1,
     max_model_len: int = 2048,
     dtype: str = "float32",
-    enforce_eager: Annotated[bool | None, typer.Option(help="default: eager unless PP > 1")] = None,
+    enforce_eager: Annotated[bool | None, typer.Option(help="default: eager on CPU")] = None,
     kv_cache_space_gib: int = 1,
     cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND value")] = None,
     log_level: str = "info",

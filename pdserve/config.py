@@ -80,16 +80,14 @@ class EngineConfig:
     max_model_len: int = 2048
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    # vLLM's CPU pipeline parallelism needs the torch.compile path (fails with eager).
+    # None: eager on CPU (starts in seconds, not minutes of torch.compile), vLLM's
+    # default (compiled, CUDA graphs) on accelerators.
     enforce_eager: bool | None = None
     kv_cache_space_gib: int = 1
     seed: int = 0
 
-    @property
-    def eager(self) -> bool:
-        if self.enforce_eager is not None:
-            return self.enforce_eager
-        return self.pipeline_parallel_size == 1
+    def eager(self, on_cpu: bool) -> bool:
+        return on_cpu if self.enforce_eager is None else self.enforce_eager
 
 
 @dataclass(frozen=True)
@@ -191,6 +189,68 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The router's per-worker circuit breaker (router/health.py)."""
+
+    # Consecutive failures (health checks past their deadline, failed requests) that open it.
+    failure_threshold: int = 3
+    # Seconds an open breaker waits before its half-open probe (the next health check).
+    cooldown_s: float = 5.0
+    # Deadline of one active health check; a hung (e.g. SIGSTOPped) worker misses it.
+    check_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.cooldown_s < 0 or self.check_timeout_s <= 0:
+            raise ConfigError(f"invalid health settings: {self}")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Failover of requests whose worker failed (router/retry.py, docs/adr/0010)."""
+
+    # Extra attempts on other workers for a request that failed before its first token.
+    budget: int = 1
+    # Base of the jittered backoff before a retry (uniform in [0.5, 1.5) x base).
+    backoff_s: float = 0.05
+    # How many times one stream may move to another decode worker after its first token.
+    max_migrations: int = 1
+
+    def __post_init__(self) -> None:
+        if self.budget < 0 or self.backoff_s < 0 or self.max_migrations < 0:
+            raise ConfigError(f"invalid retry settings: {self}")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Overload protection (router/admission.py); 0 means no limit."""
+
+    # Requests the router serves at once; more wait in the queue.
+    max_in_flight: int = 256
+    # Requests waiting for a slot; beyond it (or after queue_timeout_s) -> 429.
+    max_queue: int = 256
+    queue_timeout_s: float = 10.0
+    # Requests this router runs on one decode/colocated worker at once.
+    max_in_flight_per_worker: int = 0
+    # Retry-After seconds sent with a 429.
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        values = (self.max_in_flight, self.max_queue, self.max_in_flight_per_worker)
+        if min(values) < 0 or self.queue_timeout_s < 0 or self.retry_after_s < 0:
+            raise ConfigError(f"invalid admission settings: {self}")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client authentication (router/auth.py): no keys -> open API."""
+
+    api_keys: tuple[str, ...] = ()
+    # Requests per second per API key (token bucket); 0: no rate limit.
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 10
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """How one pool's worker is chosen (router/scheduling/policy.py): a named policy,
     optionally with other scorer weights (0 drops a scorer) and a softmax temperature
@@ -277,68 +337,6 @@ class SchedulingConfig:
             decode=PolicyConfig.from_dict("scheduling.decode", section.get("decode", {})),
             disaggregation=disaggregation,
         )
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    """The router's per-worker circuit breaker (router/health.py)."""
-
-    # Consecutive failures (health checks past their deadline, failed requests) that open it.
-    failure_threshold: int = 3
-    # Seconds an open breaker waits before its half-open probe (the next health check).
-    cooldown_s: float = 5.0
-    # Deadline of one active health check; a hung (e.g. SIGSTOPped) worker misses it.
-    check_timeout_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or self.cooldown_s < 0 or self.check_timeout_s <= 0:
-            raise ConfigError(f"invalid health settings: {self}")
-
-
-@dataclass(frozen=True)
-class RetryConfig:
-    """Failover of requests whose worker failed (router/retry.py, docs/adr/0010)."""
-
-    # Extra attempts on other workers for a request that failed before its first token.
-    budget: int = 1
-    # Base of the jittered backoff before a retry (uniform in [0.5, 1.5) x base).
-    backoff_s: float = 0.05
-    # How many times one stream may move to another decode worker after its first token.
-    max_migrations: int = 1
-
-    def __post_init__(self) -> None:
-        if self.budget < 0 or self.backoff_s < 0 or self.max_migrations < 0:
-            raise ConfigError(f"invalid retry settings: {self}")
-
-
-@dataclass(frozen=True)
-class AdmissionConfig:
-    """Overload protection (router/admission.py); 0 means no limit."""
-
-    # Requests the router serves at once; more wait in the queue.
-    max_in_flight: int = 256
-    # Requests waiting for a slot; beyond it (or after queue_timeout_s) -> 429.
-    max_queue: int = 256
-    queue_timeout_s: float = 10.0
-    # Requests this router runs on one decode/colocated worker at once.
-    max_in_flight_per_worker: int = 0
-    # Retry-After seconds sent with a 429.
-    retry_after_s: int = 1
-
-    def __post_init__(self) -> None:
-        values = (self.max_in_flight, self.max_queue, self.max_in_flight_per_worker)
-        if min(values) < 0 or self.queue_timeout_s < 0 or self.retry_after_s < 0:
-            raise ConfigError(f"invalid admission settings: {self}")
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Client authentication (router/auth.py): no keys -> open API."""
-
-    api_keys: tuple[str, ...] = ()
-    # Requests per second per API key (token bucket); 0: no rate limit.
-    rate_limit_rps: float = 0.0
-    rate_limit_burst: int = 10
 
 
 @dataclass(frozen=True)

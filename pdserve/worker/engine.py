@@ -77,6 +77,7 @@ class Engine:
         os.environ.update(engine_environment(self.config))
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         ec = self.config.engine
@@ -104,7 +105,7 @@ class Engine:
             max_model_len=ec.max_model_len,
             tensor_parallel_size=ec.tensor_parallel_size,
             pipeline_parallel_size=ec.pipeline_parallel_size,
-            enforce_eager=ec.eager,
+            enforce_eager=ec.eager(on_cpu=current_platform.is_cpu()),
             seed=ec.seed,
             kv_transfer_config=kv_config,
             kv_events_config=kv_events,

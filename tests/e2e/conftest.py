@@ -128,6 +128,7 @@ def run_cluster(
         "--max-model-len", str(MAX_MODEL_LEN),
         "--http-port", str(http_port),
         "--grpc-port", str(grpc_port),
+        "--control-port", str(base_port + 52),
         "--worker-base-port", str(worker_base),
         "--metrics-base-port", str(metrics_base),
         "--kv-base-port", str(kv_base),
