@@ -56,7 +56,8 @@ e2e: install
 # The NIXL TP=2 -> PP=2 cluster (tests/e2e/topology) is in the default run; the gRPC
 # PP=2 -> TP=2 cluster (tests/e2e/grpc_topology) runs with `make test-topology`.
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/grpc_topology --ignore=tests/chaos
+	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/grpc_topology --ignore=tests/chaos \
+		--ignore=tests/e2e/scaling
 	PDSERVE_CHAOS_TOY=1 $(BIN)/pytest -q -ra tests/chaos
 
 # The chaos suite (tests/chaos) kills, stops and restarts real workers of its own 1P+2D
@@ -64,6 +65,11 @@ test: lint typecheck
 # about 2 min); with vLLM engines it takes about 5-6 min on 2 cores: `make test-chaos`.
 test-chaos: install
 	$(BIN)/pytest -q -ra -s tests/chaos
+
+# Resizing a running cluster (tests/e2e/scaling): decode 1 -> 2 -> 1 under load, about
+# 5-8 min on 2 cores. Not in `make test` until it has been seen passing.
+test-scaling: install
+	$(BIN)/pytest -q -ra tests/e2e/scaling
 
 test-topology: install
 	$(BIN)/pytest -q -ra tests/e2e/topology tests/e2e/grpc_topology
