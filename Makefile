@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/pdserve/v1/*.proto)
 GEN    := pdserve/v1/.generated
 UP_ARGS ?= --model default --prefill 1 --decode 1
 
-.PHONY: install proto up test test-tracing test-topology test-chaos lint typecheck unit e2e clean
+.PHONY: install proto up test test-tracing test-routing test-topology test-chaos lint typecheck unit e2e clean
 
 install: $(STAMP) $(GEN)
 
@@ -57,7 +57,7 @@ e2e: install
 # PP=2 -> TP=2 cluster (tests/e2e/grpc_topology) runs with `make test-topology`.
 test: lint typecheck
 	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/grpc_topology --ignore=tests/chaos \
-		--ignore=tests/e2e/scaling --ignore=tests/e2e/tracing
+		--ignore=tests/e2e/scaling --ignore=tests/e2e/tracing --ignore=tests/e2e/routing
 	PDSERVE_CHAOS_TOY=1 $(BIN)/pytest -q -ra tests/chaos
 
 # The chaos suite (tests/chaos) kills, stops and restarts real workers of its own 1P+2D
@@ -76,6 +76,11 @@ test-scaling: install
 # until the KV lease expired (see docs/testing.md).
 test-tracing: install
 	$(BIN)/pytest -q -ra tests/e2e/tracing
+
+# kv_aware routing on a real 1P+2D cluster (tests/e2e/routing). Not in `make test`: its one
+# fresh-clone run failed while both decode workers missed health-check deadlines.
+test-routing: install
+	$(BIN)/pytest -q -ra tests/e2e/routing
 
 test-topology: install
 	$(BIN)/pytest -q -ra tests/e2e/topology tests/e2e/grpc_topology

@@ -197,7 +197,8 @@ class HealthConfig:
     # Seconds an open breaker waits before its half-open probe (the next health check).
     cooldown_s: float = 5.0
     # Deadline of one active health check; a hung (e.g. SIGSTOPped) worker misses it.
-    check_timeout_s: float = 2.0
+    # 5 s: on a small, busy machine a healthy worker can take seconds to answer.
+    check_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.failure_threshold < 1 or self.cooldown_s < 0 or self.check_timeout_s <= 0:
