@@ -95,29 +95,14 @@ async def _noop(*args: object) -> None:
 async def _path_round(requests: int, tracing_on: bool) -> list[float]:
     """Per-request latency (us) of `requests` sequential completions through the app."""
     import httpx
-    from prometheus_client import CollectorRegistry
 
-    from pdserve.config import Role
-    from pdserve.metrics import RouterMetrics
     from pdserve.models import resolve_model
     from pdserve.router.api.http import build_http_app
-    from pdserve.router.planner import Planner
-    from pdserve.router.scheduling.policy import make_policy
-    from pdserve.router.service import GenerationService
     from pdserve.router.tokenize import PromptTokenizer
-    from pdserve.router.workers import WorkerPool
     from pdserve.v1 import worker_pb2 as pb
-    from tests.unit.fake_worker import FakeWorker, serve_fake
+    from tests.unit.fake_worker import FakeWorker, fake_router
 
     prefill, decode = FakeWorker(pb.ROLE_PREFILL, MODEL), FakeWorker(pb.ROLE_DECODE, MODEL)
-    (ps, paddr), (ds, daddr) = await serve_fake(prefill), await serve_fake(decode)
-    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=60)
-    pool.add([paddr], Role.PREFILL)
-    pool.add([daddr], Role.DECODE)
-    await pool.poll_once()
-    metrics = RouterMetrics(CollectorRegistry())
-    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
-    service = GenerationService(MODEL, pool, planner, metrics, default_max_model_len=64)
     tokenizer = PromptTokenizer(str(resolve_model("tiny")))
     extra: list[Any] = []
     if tracing_on:
@@ -127,21 +112,26 @@ async def _path_round(requests: int, tracing_on: bool) -> list[float]:
 
         ring = TimelineRing(256)
         extra = [Tracing.create(TracingConfig(), "pdserve-router", [ring]), ring]
-    app = build_http_app(service, tokenizer, metrics.registry, planner.can_serve, 4096, *extra)
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 3}
     latencies = []
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-        for i in range(requests + 10):
-            start = time.perf_counter()
-            r = await client.post("/v1/completions", json=body)
-            elapsed = (time.perf_counter() - start) * 1e6
-            assert r.status_code == 200, r.text
-            if i >= 10:  # warm-up
-                latencies.append(elapsed)
-    await pool.close()
-    await ps.stop(None)
-    await ds.stop(None)
+    async with fake_router(prefill, decode, MODEL, poll_interval_s=60) as router:
+        app = build_http_app(
+            router.service,
+            tokenizer,
+            router.metrics.registry,
+            router.planner.can_serve,
+            4096,
+            *extra,
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            for i in range(requests + 10):
+                start = time.perf_counter()
+                r = await client.post("/v1/completions", json=body)
+                elapsed = (time.perf_counter() - start) * 1e6
+                assert r.status_code == 200, r.text
+                if i >= 10:  # warm-up
+                    latencies.append(elapsed)
     return latencies
 
 

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry
 
+from pdserve.config import Role
+from pdserve.metrics import RouterMetrics
+from pdserve.router.planner import Planner
+from pdserve.router.scheduling.policy import make_policy
+from pdserve.router.service import GenerationService
+from pdserve.router.workers import WorkerPool
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.v1 import worker_pb2_grpc
@@ -61,3 +70,35 @@ async def serve_fake(worker: FakeWorker) -> tuple[grpc.aio.Server, str]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
+
+
+@dataclass(frozen=True)
+class FakeRouter:
+    """A router's generation service over one fake prefill and one fake decode worker."""
+
+    service: GenerationService
+    planner: Planner
+    metrics: RouterMetrics
+    pool: WorkerPool
+
+
+@asynccontextmanager
+async def fake_router(
+    prefill: FakeWorker, decode: FakeWorker, model: str, poll_interval_s: float = 0.1
+) -> AsyncIterator[FakeRouter]:
+    """Serve both workers over real gRPC and build the router around them (round robin
+    prefill, least-load decode, context 64); everything stops on exit."""
+    (ps, paddr), (ds, daddr) = await serve_fake(prefill), await serve_fake(decode)
+    pool = WorkerPool(model, rpc_timeout_s=2, poll_interval_s=poll_interval_s)
+    pool.add([paddr], Role.PREFILL)
+    pool.add([daddr], Role.DECODE)
+    try:
+        await pool.poll_once()
+        metrics = RouterMetrics(CollectorRegistry())
+        planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
+        service = GenerationService(model, pool, planner, metrics, default_max_model_len=64)
+        yield FakeRouter(service, planner, metrics, pool)
+    finally:
+        await pool.close()
+        await ps.stop(None)
+        await ds.stop(None)

@@ -9,19 +9,13 @@ from dataclasses import dataclass
 import grpc
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 
-from pdserve.config import Role
-from pdserve.metrics import RouterMetrics
 from pdserve.models import resolve_model
 from pdserve.router.api.http import build_http_app
-from pdserve.router.planner import Planner
-from pdserve.router.scheduling.policy import make_policy
-from pdserve.router.service import GenerationService
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
 from pdserve.v1 import worker_pb2 as pb
-from tests.unit.fake_worker import WORDS, FakeWorker, serve_fake
+from tests.unit.fake_worker import WORDS, FakeWorker, fake_router
 
 MODEL = "fake-model"
 
@@ -42,21 +36,13 @@ def tokenizer() -> PromptTokenizer:
 @pytest.fixture
 async def setup(tokenizer: PromptTokenizer) -> AsyncIterator[Setup]:
     prefill, decode = FakeWorker(pb.ROLE_PREFILL, MODEL), FakeWorker(pb.ROLE_DECODE, MODEL)
-    (ps, paddr), (ds, daddr) = await serve_fake(prefill), await serve_fake(decode)
-    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=0.1)
-    pool.add([paddr], Role.PREFILL)
-    pool.add([daddr], Role.DECODE)
-    await pool.poll_once()
-    metrics = RouterMetrics(CollectorRegistry())
-    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
-    service = GenerationService(MODEL, pool, planner, metrics, default_max_model_len=64)
-    app = build_http_app(service, tokenizer, metrics.registry, planner.can_serve, 1024)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-        yield Setup(client, prefill, decode, pool)
-    await pool.close()
-    await ps.stop(None)
-    await ds.stop(None)
+    async with fake_router(prefill, decode, MODEL) as router:
+        app = build_http_app(
+            router.service, tokenizer, router.metrics.registry, router.planner.can_serve, 1024
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            yield Setup(client, prefill, decode, router.pool)
 
 
 async def test_completion_goes_prefill_then_decode(setup: Setup) -> None:

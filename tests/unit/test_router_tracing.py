@@ -34,7 +34,7 @@ from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import inference_pb2 as ipb
 from pdserve.v1 import inference_pb2_grpc
 from pdserve.v1 import worker_pb2 as pb
-from tests.unit.fake_worker import FakeWorker, serve_fake
+from tests.unit.fake_worker import FakeWorker, fake_router, serve_fake
 
 MODEL = "fake-model"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -74,38 +74,29 @@ def tokenizer() -> PromptTokenizer:
 @pytest.fixture
 async def setup(tokenizer: PromptTokenizer) -> AsyncIterator[Setup]:
     prefill, decode = RecordingWorker(pb.ROLE_PREFILL), RecordingWorker(pb.ROLE_DECODE)
-    (ps, paddr), (ds, daddr) = await serve_fake(prefill), await serve_fake(decode)
-    pool = WorkerPool(MODEL, rpc_timeout_s=2, poll_interval_s=0.1)
-    pool.add([paddr], Role.PREFILL)
-    pool.add([daddr], Role.DECODE)
-    await pool.poll_once()
-    metrics = RouterMetrics(CollectorRegistry())
-    planner = Planner(pool, make_policy("round_robin"), make_policy("least_load"))
-    service = GenerationService(MODEL, pool, planner, metrics, default_max_model_len=64)
-    exporter, ring = InMemorySpanExporter(), TimelineRing()
-    tracing = Tracing.create(
-        TracingConfig(), "pdserve-router", [SimpleSpanProcessor(exporter), ring]
-    )
-    app = build_http_app(
-        service, tokenizer, metrics.registry, planner.can_serve, 4096, tracing, ring
-    )
-    server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(service, tokenizer, tracing), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-        yield Setup(
-            client, inference_pb2_grpc.InferenceStub(channel), prefill, decode, exporter, ring
+    async with fake_router(prefill, decode, MODEL) as router:
+        service, planner, metrics = router.service, router.planner, router.metrics
+        exporter, ring = InMemorySpanExporter(), TimelineRing()
+        tracing = Tracing.create(
+            TracingConfig(), "pdserve-router", [SimpleSpanProcessor(exporter), ring]
         )
-    await channel.close()
-    await server.stop(None)
-    await pool.close()
-    await ps.stop(None)
-    await ds.stop(None)
+        app = build_http_app(
+            service, tokenizer, metrics.registry, planner.can_serve, 4096, tracing, ring
+        )
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(service, tokenizer, tracing), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            yield Setup(
+                client, inference_pb2_grpc.InferenceStub(channel), prefill, decode, exporter, ring
+            )
+        await channel.close()
+        await server.stop(None)
 
 
 def _by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
