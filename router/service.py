@@ -169,8 +169,10 @@ class GenerationService:
                 deltas = self._disaggregated(plan, call)
             else:
                 deltas = self._stream(plan, self._worker_request(call, pb.STAGE_FULL), call)
-            async for delta in deltas:
-                yield delta
+            # Closed on early exit too, so the worker call is cancelled now, not at GC.
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    yield delta
         except KvTransferError as e:  # the prefill worker's handle failed the router's checks
             worker = plan.prefill or plan.decode
             raise WorkerFailure(worker, "prefill", e, unreachable=False) from e
@@ -178,18 +180,20 @@ class GenerationService:
             for w in workers:
                 w.in_flight -= 1
 
-    async def _disaggregated(self, plan: Plan, call: GenerateCall) -> AsyncIterator[Delta]:
+    async def _disaggregated(self, plan: Plan, call: GenerateCall) -> AsyncGenerator[Delta, None]:
         assert plan.prefill is not None
         pair = (plan.prefill.address, plan.decode.address)
         opener = await self.first_transfers.enter(pair)
         try:
             request = self._worker_request(call, pb.STAGE_DECODE)
             request.kv_handle.CopyFrom(await self._prefill(plan.prefill, call))
-            async for delta in self._stream(plan, request, call):
-                if opener:
-                    self.first_transfers.done(pair, ok=True)
-                    opener = False
-                yield delta
+            decode = self._stream(plan, request, call)
+            async with contextlib.aclosing(decode):
+                async for delta in decode:
+                    if opener:
+                        self.first_transfers.done(pair, ok=True)
+                        opener = False
+                    yield delta
         finally:
             if opener:
                 self.first_transfers.done(pair, ok=False)
@@ -224,33 +228,35 @@ class GenerationService:
 
     async def _stream(
         self, plan: Plan, request: pb.WorkerGenerateRequest, call: GenerateCall
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         mode = plan.mode.value
         last = None
         route: str | None = plan.route
-        async for msg in self._worker_stream(plan.decode, request, call.trace):
-            now = time.monotonic()
-            if msg.token_ids:
-                if last is None:
-                    self.metrics.ttft.labels(mode).observe(now - call.arrival)
-                else:
-                    self.metrics.itl.labels(mode).observe((now - last) / len(msg.token_ids))
-                last = now
-            finish = FINISH_REASON_NAMES.get(msg.finish_reason)
-            usage = msg.usage if msg.HasField("usage") else None
-            if usage is not None:
-                self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-                self.metrics.generation_tokens.inc(usage.completion_tokens)
-            if finish is not None:
-                # Before the yield: a consumer that stops at the finish reason closes this
-                # generator there, and nothing after the yield would run.
-                self.metrics.e2e.labels(mode).observe(time.monotonic() - call.arrival)
-            yield Delta(msg.text, list(msg.token_ids), finish, usage, route)
-            route = None
+        stream = self._worker_stream(plan.decode, request, call.trace)
+        async with contextlib.aclosing(stream):
+            async for msg in stream:
+                now = time.monotonic()
+                if msg.token_ids:
+                    if last is None:
+                        self.metrics.ttft.labels(mode).observe(now - call.arrival)
+                    else:
+                        self.metrics.itl.labels(mode).observe((now - last) / len(msg.token_ids))
+                    last = now
+                finish = FINISH_REASON_NAMES.get(msg.finish_reason)
+                usage = msg.usage if msg.HasField("usage") else None
+                if usage is not None:
+                    self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+                    self.metrics.generation_tokens.inc(usage.completion_tokens)
+                if finish is not None:
+                    # Before the yield: a consumer that stops at the finish reason closes this
+                    # generator there, and nothing after the yield would run.
+                    self.metrics.e2e.labels(mode).observe(time.monotonic() - call.arrival)
+                yield Delta(msg.text, list(msg.token_ids), finish, usage, route)
+                route = None
 
     async def _worker_stream(
         self, worker: WorkerClient, request: pb.WorkerGenerateRequest, trace: RequestTrace
-    ) -> AsyncIterator[pb.WorkerGenerateResponse]:
+    ) -> AsyncGenerator[pb.WorkerGenerateResponse, None]:
         """Stream from a worker; errors become typed errors; leaving early cancels the call
         (the worker then aborts the request and frees its KV blocks). The call is a client
         span of ``trace``, propagated to the worker as ``traceparent``."""
