@@ -260,7 +260,10 @@ class Cluster:
                 return False
             self.pools.reconcile()  # the ready workers become the pools' members
             self.router.start()
-            return self._wait_ready([self.router], started, timeout_s, status.update)
+            # The router is ready once it has members: keep the pools moving meanwhile.
+            return self._wait_ready(
+                [self.router], started, timeout_s, status.update, tick=self.pools.reconcile
+            )
 
     def _wait_ready(
         self,
@@ -268,8 +271,10 @@ class Cluster:
         started: float,
         timeout_s: float,
         show: Callable[[str], None],
+        tick: Callable[[], None] = lambda: None,
     ) -> bool:
         while not all(c.ready for c in group):
+            tick()
             elapsed = time.monotonic() - started
             for c in group:
                 if c.exit_code() is not None:

@@ -167,7 +167,13 @@ class Pools:
     def _promote_ready(self) -> None:
         with self._lock:
             starting = [m for m in self.members if m.state is State.STARTING]
-        ready = [m for m in starting if m.component.exit_code() is None and m.component.is_ready()]
+        # A worker that answered its probe once (the launcher's first wait) stays ready: a
+        # probe that times out later on busy cores must not keep it out of the pool.
+        ready = [
+            m
+            for m in starting
+            if m.component.exit_code() is None and (m.component.ready or m.component.is_ready())
+        ]
         with self._lock:
             for m in ready:
                 if m.state is State.STARTING:  # (not cancelled meanwhile)

@@ -100,6 +100,18 @@ def test_initial_workers_are_members_once_ready(workers: Workers) -> None:
     assert pools.settled()
 
 
+def test_a_worker_seen_ready_joins_even_if_a_later_probe_times_out(workers: Workers) -> None:
+    """The launcher's first wait marks a worker ready; on busy cores its next probe may
+    time out. It must still join the pool (else the router never becomes ready)."""
+    pools = Pools(workers.build, [].append, address)
+    c = workers.build(Role.DECODE, "decode-0", 0)
+    c.start()
+    pools.adopt(c, Role.DECODE, 0)
+    c.ready = True  # seen ready by the launcher; the probe now answers False
+    pools.reconcile()
+    assert pools.sync(0, {})["members"]["decode"] == [address(0)]
+
+
 def test_scale_up_joins_only_when_ready(workers: Workers) -> None:
     said: list[str] = []
     pools = make_pools(workers, said)
