@@ -18,6 +18,7 @@ import httpx
 
 from pdserve.config import Role
 from pdserve.errors import ConfigError, ScalingError
+from pdserve.k8s import load_api_client
 
 POOLS_PATH = "/v1/pools"
 
@@ -164,16 +165,5 @@ class KubernetesScaler(Scaler):
 
 def _load_apps_api() -> Any:
     from kubernetes import client  # type: ignore[import-not-found, unused-ignore]
-    from kubernetes import config as kube_config  # type: ignore[import-not-found, unused-ignore]
 
-    configuration = client.Configuration()
-    try:
-        kube_config.load_incluster_config(client_configuration=configuration)
-    except kube_config.ConfigException:
-        try:
-            kube_config.load_kube_config(client_configuration=configuration, persist_config=False)
-        except (kube_config.ConfigException, OSError) as e:
-            raise ConfigError(
-                f"kubernetes scaler: no service account and no kubeconfig ({e})"
-            ) from e
-    return client.AppsV1Api(client.ApiClient(configuration))
+    return client.AppsV1Api(load_api_client("kubernetes scaler"))

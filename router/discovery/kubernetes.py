@@ -30,10 +30,10 @@ from kubernetes import (  # type: ignore[import-not-found, unused-ignore]
     client,
     watch,
 )
-from kubernetes import config as kube_config  # type: ignore[import-not-found, unused-ignore]
 
 from pdserve.config import DiscoveryConfig, Role
 from pdserve.errors import ConfigError
+from pdserve.k8s import load_api_client
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.workers import WorkerPool
 
@@ -267,17 +267,7 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
 def _load_core_api() -> Any:
     """A CoreV1Api with the pod's service account, else the local kubeconfig."""
-    configuration = client.Configuration()
-    try:
-        kube_config.load_incluster_config(client_configuration=configuration)
-    except kube_config.ConfigException:
-        try:
-            kube_config.load_kube_config(client_configuration=configuration, persist_config=False)
-        except (kube_config.ConfigException, OSError) as e:
-            raise ConfigError(
-                f"kubernetes discovery: no service account token and no kubeconfig ({e})"
-            ) from e
-    return client.CoreV1Api(client.ApiClient(configuration))
+    return client.CoreV1Api(load_api_client("kubernetes discovery"))
 
 
 def _own_namespace() -> str:
