@@ -81,8 +81,8 @@ class RouterMetrics:
         self.registry = registry
         self.requests = Counter(
             ROUTER_REQUESTS,
-            "Requests finished by the router, by API route and outcome.",
-            ["route", "status"],
+            "Requests finished by the router, by API route, outcome and routing policy.",
+            ["route", "status", "policy"],
             registry=registry,
         )
         self.in_flight = Gauge(

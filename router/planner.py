@@ -117,6 +117,13 @@ class Planner:
         self.decider = DisaggregationDecider(disaggregation or DisaggregationConfig())
         self.metrics = metrics
 
+    @property
+    def policy_name(self) -> str:
+        """The routing policy in effect, for the requests metric's ``policy`` label: its
+        name when both pools use the same one, else ``PREFILL/DECODE``."""
+        prefill, decode = self.prefill_policy.name, self.decode_policy.name
+        return decode if prefill == decode else f"{prefill}/{decode}"
+
     def plan(
         self,
         prompt_token_ids: Sequence[int],

@@ -95,7 +95,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(e.grpc_code, e.message)
         finally:
             trace.end()
-            self.service.metrics.requests.labels(route, status).inc()
+            policy = self.service.planner.policy_name
+            self.service.metrics.requests.labels(route, status, policy).inc()
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

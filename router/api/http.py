@@ -150,7 +150,8 @@ def build_http_app(
             response = await call_next(request)
         route = request.url.path
         if route.startswith("/v1/"):
-            requests_total.labels(route, str(response.status_code)).inc()
+            policy = service.planner.policy_name
+            requests_total.labels(route, str(response.status_code), policy).inc()
         return response
 
     @app.get("/health")

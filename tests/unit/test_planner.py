@@ -63,6 +63,13 @@ def test_disaggregates_when_both_pools_are_healthy() -> None:
     assert plan.route == "disaggregated; decode=d; prefill=p; reason=always; cached_tokens=0"
 
 
+def test_policy_name_names_both_pools_only_when_they_differ() -> None:
+    pool = WorkerPool("m", rpc_timeout_s=1, poll_interval_s=1)
+    assert planner_with().policy_name == "round_robin/least_load"
+    same = Planner(pool, make_policy("least_load"), make_policy("least_load"))
+    assert same.policy_name == "least_load"
+
+
 def test_colocates_on_decode_when_prefill_pool_is_down() -> None:
     d = fake("d", Role.DECODE)
     plan = planner_with(fake("p", Role.PREFILL, healthy=False), d).plan([1])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.models import resolve_model
 from pdserve.router.api.http import build_http_app
@@ -148,7 +149,14 @@ async def test_readiness_follows_the_pool(setup: Setup) -> None:
     r = await setup.client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert r.status_code == 503
     metrics = (await setup.client.get("/metrics")).text
-    assert 'pdserve_router_requests_total{route="/v1/completions",status="503"} 1.0' in metrics
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    # The fake router prefills round robin and decodes least-load.
+    labels = {"route": "/v1/completions", "status": "503", "policy": "round_robin/least_load"}
+    assert samples[("pdserve_router_requests_total", tuple(sorted(labels.items())))] == 1.0
 
 
 async def test_models(setup: Setup) -> None:

@@ -221,6 +221,12 @@ async def test_http_route_header_and_session_affinity() -> None:
                 homes.add(trailing["x-pdserve-route"].split(";")[1])
             assert len(homes) == 1
         await grpc_server.stop(None)
+        # Both APIs count their requests under the policy in effect (prefill/decode).
+        count = metrics.registry.get_sample_value
+        labels = {"status": "200", "policy": "kv_aware/session"}
+        assert count("pdserve_router_requests_total", {"route": "/v1/completions", **labels}) == 17
+        labels = {"route": "grpc/Generate", "status": "OK", "policy": "kv_aware/session"}
+        assert count("pdserve_router_requests_total", labels) == 3
     finally:
         await routing.close()
         await pool.close()
