@@ -1,5 +1,6 @@
 """API keys for the router's client APIs (HTTP Bearer and gRPC ``authorization``
-metadata), with an optional per-key token-bucket rate limit.
+metadata, checked in router/grpc_guard.py), with an optional per-key token-bucket rate
+limit.
 
 Keys are compared in constant time against every configured key (no early exit), so
 response timing does not reveal how much of a guess was right. Health, readiness,
@@ -13,18 +14,13 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.config import AuthConfig
 from pdserve.errors import OverloadedError, PdserveError, UnauthenticatedError
 from pdserve.metrics import RouterMetrics
-
-# gRPC services that need no key: health checks (Kubernetes probes) and reflection.
-OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -112,48 +108,3 @@ class ApiKeys:
             return await call_next(request)
 
         return middleware
-
-
-class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks ``authorization: Bearer <key>`` metadata on every non-open method."""
-
-    def __init__(self, keys: ApiKeys) -> None:
-        self.keys = keys
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or method.startswith(OPEN_GRPC_PREFIXES):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        header = metadata.get("authorization")
-        try:
-            self.keys.authenticate(bearer_token(header if isinstance(header, str) else None))
-        except PdserveError as e:
-            return _refusal(handler, e)
-        return handler
-
-
-def _refusal(handler: grpc.RpcMethodHandler, error: PdserveError) -> grpc.RpcMethodHandler:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(error.grpc_code, error.message)
-
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(error.grpc_code, error.message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
