@@ -17,12 +17,14 @@ import asyncio
 import dataclasses
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pdserve.config import RetryConfig
 from pdserve.errors import NoCapacityError, PdserveError
 from pdserve.metrics import RouterMetrics
+from pdserve.router.backoff import Backoff
 from pdserve.router.migration import Continuation, Progress, TextDecoder
 from pdserve.router.planner import Mode, Plan, Planner
 from pdserve.router.workers import WorkerClient
@@ -92,11 +94,8 @@ class Failover:
         self.planner = planner
         self.metrics = metrics
         self.decoder = decoder
-        self.rng = rng or random.Random()
-
-    def backoff_s(self, retry: int) -> float:
-        """Exponential in the retry number, jittered uniformly in [0.5, 1.5)."""
-        return self.config.backoff_s * (2 ** (retry - 1)) * (0.5 + self.rng.random())
+        # Exponential in the retry number, jittered uniformly in [0.5, 1.5).
+        self.backoff = Backoff(config.backoff_s, jitter=0.5, rng=rng)
 
     async def next_attempt(
         self, failed: Attempt, failure: WorkerFailure, state: FailoverState
@@ -109,11 +108,8 @@ class Failover:
             return self._migrate(failed, failure, state)
         if state.retries < self.config.budget:
             state.retries += 1
-            await asyncio.sleep(self.backoff_s(state.retries))
-            try:
-                plan = self.planner.plan(call.prompt_token_ids, exclude=state.excluded)
-            except NoCapacityError:
-                plan = None
+            await asyncio.sleep(self.backoff.wait_s(state.retries))
+            plan = self._plan(call.prompt_token_ids, state)
             # Only colocated is left: that is the last resort below.
             if plan is not None and plan.mode is failed.plan.mode:
                 self.metrics.retries.labels(failure.stage, TARGET_OTHER).inc()
@@ -129,13 +125,8 @@ class Failover:
                 retry_call = dataclasses.replace(call, request_id=f"{request_id}-r{state.retries}")
                 return Attempt(plan, retry_call)
         if failed.plan.mode is Mode.DISAGGREGATED and not failed.last_resort:
-            try:
-                plan = self.planner.plan(
-                    call.prompt_token_ids,
-                    exclude=state.excluded,
-                    colocated=True,
-                )
-            except NoCapacityError:
+            plan = self._plan(call.prompt_token_ids, state, colocated=True)
+            if plan is None:
                 raise failure.error from failure
             self.metrics.retries.labels(failure.stage, TARGET_COLOCATED).inc()
             log.warning(
@@ -149,6 +140,15 @@ class Failover:
             fallback = dataclasses.replace(call, request_id=f"{request_id}-colocated")
             return Attempt(plan, fallback, last_resort=True)
         raise failure.error from failure
+
+    def _plan(
+        self, prompt_token_ids: Sequence[int], state: FailoverState, colocated: bool = False
+    ) -> Plan | None:
+        """A plan on workers that have not failed this request; None: none is left."""
+        try:
+            return self.planner.plan(prompt_token_ids, exclude=state.excluded, colocated=colocated)
+        except NoCapacityError:
+            return None
 
     def _exclude(self, plan: Plan, failure: WorkerFailure, state: FailoverState) -> None:
         address = failure.worker.address
@@ -172,13 +172,8 @@ class Failover:
         if state.migrations >= self.config.max_migrations:
             self.metrics.migrations.labels("refused").inc()
             raise failure.error from failure
-        try:
-            plan = self.planner.plan(
-                original.prompt_token_ids,
-                exclude=state.excluded,
-                colocated=True,
-            )
-        except NoCapacityError:
+        plan = self._plan(original.prompt_token_ids, state, colocated=True)
+        if plan is None:
             self.metrics.migrations.labels("no_worker").inc()
             raise failure.error from failure
         state.migrations += 1

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from kubernetes import (  # type: ignore[import-not-found, unused-ignore]
 from pdserve.config import DiscoveryConfig, Role
 from pdserve.errors import ConfigError
 from pdserve.k8s import load_api_client
+from pdserve.router.backoff import Backoff
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.workers import WorkerPool
 
@@ -129,21 +129,22 @@ class KubernetesDiscovery(Discovery):
         """List, then watch, one pool's pods until cancelled."""
         loop = asyncio.get_running_loop()
         version: str | None = None
-        delay = self.retry_initial_s
+        backoff = Backoff(self.retry_initial_s, self.retry_max_s)
         while True:
             listed = version is None
             try:
                 if version is None:
                     version = await self._relist(api, namespace, selector, members)
-                    delay = self.retry_initial_s
+                    backoff.reset()
                 started = loop.time()
                 events = self._watch(api, namespace, selector, version)
                 async with contextlib.aclosing(events):
                     async for event in events:
                         version = self._apply(event, members) or version
-                        delay, listed = self.retry_initial_s, False
+                        listed = False
+                        backoff.reset()
                 if loop.time() - started >= self.retry_initial_s:
-                    delay = self.retry_initial_s
+                    backoff.reset()
                     continue  # the server's watch timeout: resume from `version`
                 problem = "the watch ended at once"
             except client.ApiException as e:
@@ -155,9 +156,9 @@ class KubernetesDiscovery(Discovery):
                         continue
             except Exception as e:
                 problem = repr(e)
-            log.warning("%s: %s; retrying in %.1f s", selector, problem, delay)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.retry_max_s)
+            wait = backoff.failed()
+            log.warning("%s: %s; retrying in %.1f s", selector, problem, wait)
+            await asyncio.sleep(wait)
 
     async def _relist(self, api: Any, namespace: str, selector: str, members: _Members) -> str:
         """Make the members agree with a fresh list; returns the list's resourceVersion."""

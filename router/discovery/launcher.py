@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 
 import httpx
 
 from pdserve.config import Role
+from pdserve.router.backoff import Backoff
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.workers import WorkerClient, WorkerPool
 
@@ -42,7 +42,7 @@ class LauncherDiscovery(Discovery):
         applied = 0
         # Workers removed from the pool whose requests still run: reported until done.
         leaving: list[WorkerClient] = []
-        delay = self.interval_s
+        backoff = Backoff(self.interval_s, self.retry_max_s)
         async with httpx.AsyncClient(timeout=self.request_timeout_s) as http:
             while True:
                 leaving = [w for w in leaving if w.in_flight > 0]
@@ -62,12 +62,13 @@ class LauncherDiscovery(Discovery):
                 except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
                     # Keep the members we have: a launcher briefly unreachable must not
                     # empty the pool.
-                    log.warning("launcher %s: %r; retrying in %.1f s", self.url, e, delay)
-                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                    delay = min(delay * 2, self.retry_max_s)
+                    wait = backoff.failed()
+                    log.warning("launcher %s: %r; retrying in %.1f s", self.url, e, wait)
+                    await asyncio.sleep(wait)
                     continue
                 leaving += self._apply(pool, wanted)
-                applied, delay = version, self.interval_s
+                applied = version
+                backoff.reset()
                 await asyncio.sleep(self.interval_s)
 
     @staticmethod
