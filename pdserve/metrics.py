@@ -7,7 +7,7 @@ Metric objects are created per process on a registry that is passed in (no globa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -76,92 +76,94 @@ KV_TRANSFER_LEASE_EXPIRATIONS = "pdserve_kv_transfer_lease_expirations_total"
 KV_TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+class Families:
+    """Creates metric objects on one registry, so that each declaration below states only
+    its name, help, labels and buckets."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    def histogram(
+        self, name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
+    ) -> Histogram:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter(
+        new = Families(registry)
+        self.requests = new.counter(
             ROUTER_REQUESTS,
             "Requests finished by the router, by API route, outcome and routing policy.",
-            ["route", "status", "policy"],
-            registry=registry,
+            ("route", "status", "policy"),
         )
-        self.in_flight = Gauge(
-            ROUTER_IN_FLIGHT, "Requests the router is serving now.", registry=registry
-        )
-        self.ttft = Histogram(
+        self.in_flight = new.gauge(ROUTER_IN_FLIGHT, "Requests the router is serving now.")
+        self.ttft = new.histogram(
             ROUTER_TTFT,
             "Time from request arrival to the first generated token, seen by the router.",
-            ["mode"],
-            buckets=TTFT_BUCKETS,
-            registry=registry,
+            TTFT_BUCKETS,
+            ("mode",),
         )
-        self.itl = Histogram(
+        self.itl = new.histogram(
             ROUTER_ITL,
             "Time between consecutive streamed tokens, seen by the router.",
-            ["mode"],
-            buckets=ITL_BUCKETS,
-            registry=registry,
+            ITL_BUCKETS,
+            ("mode",),
         )
-        self.e2e = Histogram(
-            ROUTER_E2E,
-            "Time from request arrival to its last token.",
-            ["mode"],
-            buckets=E2E_BUCKETS,
-            registry=registry,
+        self.e2e = new.histogram(
+            ROUTER_E2E, "Time from request arrival to its last token.", E2E_BUCKETS, ("mode",)
         )
-        self.routing = Counter(
+        self.routing = new.counter(
             ROUTER_ROUTING,
             "Routing decisions: colocated (one worker) or disaggregated (prefill + decode).",
-            ["mode"],
-            registry=registry,
+            ("mode",),
         )
-        self.workers_healthy = Gauge(
+        self.workers_healthy = new.gauge(
             ROUTER_WORKERS_HEALTHY,
             "Workers that answered the last health poll, by role.",
-            ["role"],
-            registry=registry,
+            ("role",),
         )
-        self.prompt_tokens = Counter(
-            ROUTER_PROMPT_TOKENS, "Prompt tokens of finished requests.", registry=registry
+        self.prompt_tokens = new.counter(
+            ROUTER_PROMPT_TOKENS, "Prompt tokens of finished requests."
         )
-        self.generation_tokens = Counter(
-            ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests.", registry=registry
+        self.generation_tokens = new.counter(
+            ROUTER_GENERATION_TOKENS, "Generated tokens of finished requests."
         )
-        self.queue_time = Histogram(
+        self.queue_time = new.histogram(
             ROUTER_QUEUE_TIME,
             "Time from request arrival to its admission (waiting for a free slot).",
-            buckets=QUEUE_BUCKETS,
-            registry=registry,
+            QUEUE_BUCKETS,
         )
-        self.breaker_state = Gauge(
+        self.breaker_state = new.gauge(
             ROUTER_BREAKER_STATE,
             "Per-worker circuit breaker: 0 closed, 1 half-open (awaiting its probe), 2 open.",
-            ["worker", "role"],
-            registry=registry,
+            ("worker", "role"),
         )
-        self.retries = Counter(
+        self.retries = new.counter(
             ROUTER_RETRIES,
             "Attempts repeated after a worker failed before the first token, by failed stage "
             "and where the retry went (another worker, or colocated as the last resort).",
-            ["stage", "target"],
-            registry=registry,
+            ("stage", "target"),
         )
-        self.migrations = Counter(
+        self.migrations = new.counter(
             ROUTER_MIGRATIONS,
             "Streams moved to another decode worker after their first token, by outcome.",
-            ["outcome"],
-            registry=registry,
+            ("outcome",),
         )
-        self.rejected = Counter(
+        self.rejected = new.counter(
             ROUTER_REJECTED,
             "Requests refused before any worker was touched, by reason "
             "(overload, queue_timeout, rate_limit, unauthenticated).",
-            ["reason"],
-            registry=registry,
+            ("reason",),
         )
-        self.queued = Gauge(
-            ROUTER_QUEUED, "Requests waiting for an admission slot.", registry=registry
-        )
+        self.queued = new.gauge(ROUTER_QUEUED, "Requests waiting for an admission slot.")
         self.routing_ctx = RoutingMetrics(registry)
 
 
@@ -169,106 +171,91 @@ class RoutingMetrics:
     """Context-aware routing: worker choice, prefix hits, the KV index and its events."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.decisions = Counter(
+        new = Families(registry)
+        self.decisions = new.counter(
             ROUTER_SCHEDULING_DECISIONS,
             "Worker choices by pool, policy and outcome (prefix_hit, no_prefix, no_candidate).",
-            ["pool", "policy", "outcome"],
-            registry=registry,
+            ("pool", "policy", "outcome"),
         )
-        self.plugin_seconds = Histogram(
+        self.plugin_seconds = new.histogram(
             ROUTER_SCHEDULING_PLUGIN_SECONDS,
             "Time spent in one scheduling plugin (filter, scorer or picker) per request.",
-            ["pool", "plugin"],
-            buckets=SCHEDULING_BUCKETS,
-            registry=registry,
+            SCHEDULING_BUCKETS,
+            ("pool", "plugin"),
         )
-        self.prefix_tokens = Counter(
+        self.prefix_tokens = new.counter(
             ROUTER_PREFIX_TOKENS,
             "Prompt tokens the chosen worker already held (hit) or not (miss), per the index.",
-            ["pool", "result"],
-            registry=registry,
+            ("pool", "result"),
         )
-        self.prefix_requests = Counter(
+        self.prefix_requests = new.counter(
             ROUTER_PREFIX_REQUESTS,
             "Requests sent to a worker holding at least one block of the prompt (hit) or not.",
-            ["pool", "result"],
-            registry=registry,
+            ("pool", "result"),
         )
-        self.disaggregation = Counter(
+        self.disaggregation = new.counter(
             ROUTER_DISAGGREGATION,
             "Colocated-or-disaggregated decisions, by decision and reason.",
-            ["decision", "reason"],
-            registry=registry,
+            ("decision", "reason"),
         )
-        self.index_blocks = Gauge(
+        self.index_blocks = new.gauge(
             ROUTER_KV_INDEX_BLOCKS,
             "Distinct block hashes in the router's prefix index, by mode (events, approximate).",
-            ["mode"],
-            registry=registry,
+            ("mode",),
         )
-        self.event_lag = Histogram(
+        self.event_lag = new.histogram(
             ROUTER_KV_EVENT_LAG,
             "Time from a worker publishing a KV event batch to the router applying it.",
-            buckets=EVENT_LAG_BUCKETS,
-            registry=registry,
+            EVENT_LAG_BUCKETS,
         )
-        self.event_resyncs = Counter(
+        self.event_resyncs = new.counter(
             ROUTER_KV_EVENT_RESYNCS,
             "KV event stream resynchronisations (join, gap, replay_failed).",
-            ["reason"],
-            registry=registry,
+            ("reason",),
         )
-        self.hash_mismatches = Counter(
+        self.hash_mismatches = new.counter(
             ROUTER_KV_HASH_MISMATCHES,
             "Engine block hashes the router could not reproduce (hash algorithm or seed differ).",
-            registry=registry,
         )
 
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry, role: str) -> None:
         self.role = role
-        self.requests = Counter(
+        new = Families(registry)
+        self.requests = new.counter(
             WORKER_REQUESTS,
             "Requests finished by this worker, by stage and outcome.",
-            ["role", "stage", "status"],
-            registry=registry,
+            ("role", "stage", "status"),
         )
-        self.in_flight = Gauge(
-            WORKER_IN_FLIGHT, "Requests running on this worker.", ["role"], registry=registry
-        )
-        self.ttft = Histogram(
+        self.in_flight = new.gauge(WORKER_IN_FLIGHT, "Requests running on this worker.", ("role",))
+        self.ttft = new.histogram(
             WORKER_TTFT,
             "Time from the worker receiving a request to its first output.",
-            ["role", "stage"],
-            buckets=TTFT_BUCKETS,
-            registry=registry,
+            TTFT_BUCKETS,
+            ("role", "stage"),
         )
-        self.e2e = Histogram(
+        self.e2e = new.histogram(
             WORKER_E2E,
             "Time from the worker receiving a request to its last output.",
-            ["role", "stage"],
-            buckets=E2E_BUCKETS,
-            registry=registry,
+            E2E_BUCKETS,
+            ("role", "stage"),
         )
-        self.kv_handles = Counter(
+        self.kv_handles = new.counter(
             WORKER_KV_HANDLES,
             "KV handles produced (prefill) or consumed (decode), by transport.",
-            ["role", "transport", "direction"],
-            registry=registry,
+            ("role", "transport", "direction"),
         )
-        self.kv_incompatible = Counter(
+        self.kv_incompatible = new.counter(
             WORKER_KV_INCOMPATIBLE,
             "KV handles refused because the producer's layout does not match this worker.",
-            ["role"],
-            registry=registry,
+            ("role",),
         )
-        self.kv_transfer_bytes = Counter(
+        self.kv_transfer_bytes = new.counter(
             WORKER_KV_TRANSFER_BYTES,
             "KV bytes a decode worker obtained from prefill workers (the blocks its KV "
             "handles name), by transport; equals the kv_transfer spans' pdserve.kv.bytes.",
-            ["role", "transport"],
-            registry=registry,
+            ("role", "transport"),
         )
 
 
