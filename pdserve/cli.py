@@ -29,6 +29,7 @@ from pdserve.config import (
     WorkerConfig,
 )
 from pdserve.errors import ConfigError
+from pdserve.models import DEFAULT_MODEL
 
 app = typer.Typer(
     help="pdserve: disaggregated prefill/decode LLM serving on vLLM.", no_args_is_help=True
@@ -45,6 +46,25 @@ LogFormatOption = Annotated[
 OtlpEndpointOption = Annotated[
     str | None,
     typer.Option(help="export traces by OTLP to this endpoint (else the OTEL_* variables decide)"),
+]
+# Options that several commands take, declared once (their defaults: pdserve/config.py).
+ModelOption = Annotated[
+    str, typer.Option(help="'default' (SmolLM2-135M-Instruct), 'tiny', or a model folder")
+]
+ServedModelNameOption = Annotated[str | None, typer.Option(help="model id clients use")]
+KvTransportOption = Annotated[str, typer.Option(help="nixl | grpc")]
+HttpPortOption = Annotated[int, typer.Option(help="the router's OpenAI-compatible HTTP API")]
+GrpcPortOption = Annotated[int, typer.Option(help="the router's gRPC API (pdserve.v1.Inference)")]
+PolicyOption = Annotated[
+    str | None,
+    typer.Option(
+        help="worker choice: round_robin, random, least_load, prefix, kv_aware, session "
+        "(default kv_aware; the config file's scheduling section can reweight them)"
+    ),
+]
+DisaggregationOption = Annotated[
+    str | None,
+    typer.Option(help="always | never | auto (per request, by the transfer-cost model)"),
 ]
 
 
@@ -70,9 +90,7 @@ def _model_name(path: Path, served: str | None) -> str:
 
 @app.command()
 def up(
-    model: Annotated[
-        str, typer.Option(help="'default' (SmolLM2-135M-Instruct), 'tiny', or a model folder")
-    ] = "default",
+    model: ModelOption = DEFAULT_MODEL,
     prefill: Annotated[int, typer.Option(help="prefill workers")] = 1,
     decode: Annotated[int, typer.Option(help="decode workers")] = 1,
     both: Annotated[int, typer.Option(help="colocated workers (prefill and decode in one)")] = 0,
@@ -80,15 +98,15 @@ def up(
     prefill_pp: int = 1,
     decode_tp: int = 1,
     decode_pp: int = 1,
-    kv_transport: Annotated[str, typer.Option(help="nixl | grpc")] = "nixl",
-    http_port: int = 8000,
-    grpc_port: int = 50051,
-    worker_base_port: int = 50100,
-    metrics_base_port: int = 9100,
-    kv_base_port: int = 5600,
-    max_model_len: int = 2048,
-    served_model_name: Annotated[str | None, typer.Option(help="model id clients use")] = None,
-    kv_lease_s: float = 30.0,
+    kv_transport: KvTransportOption = ClusterConfig.kv_transport.value,
+    http_port: HttpPortOption = ClusterConfig.http_port,
+    grpc_port: GrpcPortOption = ClusterConfig.grpc_port,
+    worker_base_port: int = ClusterConfig.worker_base_port,
+    metrics_base_port: int = ClusterConfig.metrics_base_port,
+    kv_base_port: int = ClusterConfig.kv_base_port,
+    max_model_len: int = ClusterConfig.max_model_len,
+    served_model_name: ServedModelNameOption = None,
+    kv_lease_s: float = ClusterConfig.kv_lease_s,
     log_dir: Annotated[
         Path | None, typer.Option(help="worker/router logs (default: a temp folder)")
     ] = None,
@@ -141,27 +159,27 @@ def up(
 @app.command()
 def worker(
     role: Annotated[Role, typer.Option(help="prefill | decode | both")],
-    model: Annotated[str, typer.Option(help="'default', 'tiny' or a model folder")] = "default",
-    served_model_name: str | None = None,
+    model: ModelOption = DEFAULT_MODEL,
+    served_model_name: ServedModelNameOption = None,
     worker_id: Annotated[str | None, typer.Option(help="unique id (default: role-port)")] = None,
-    host: str = "127.0.0.1",
-    port: int = 50100,
-    metrics_port: int = 9100,
-    kv_transport: Annotated[str, typer.Option(help="nixl | grpc")] = "nixl",
+    host: str = WorkerConfig.host,
+    port: int = WorkerConfig.port,
+    metrics_port: int = WorkerConfig.metrics_port,
+    kv_transport: KvTransportOption = WorkerConfig.kv_transport.value,
     kv_port: Annotated[
         int, typer.Option(help="NIXL side channel / gRPC KV server port (ranks: + rank)")
-    ] = 5600,
+    ] = WorkerConfig.kv_port,
     kv_events_port: Annotated[
         int | None,
         typer.Option(help="publish vLLM KV cache events here (replay: the next port)"),
     ] = None,
-    kv_lease_s: float = 30.0,
-    tensor_parallel_size: int = 1,
-    pipeline_parallel_size: int = 1,
-    max_model_len: int = 2048,
-    dtype: str = "float32",
+    kv_lease_s: float = WorkerConfig.kv_lease_s,
+    tensor_parallel_size: int = EngineConfig.tensor_parallel_size,
+    pipeline_parallel_size: int = EngineConfig.pipeline_parallel_size,
+    max_model_len: int = EngineConfig.max_model_len,
+    dtype: str = EngineConfig.dtype,
     enforce_eager: Annotated[bool | None, typer.Option(help="default: eager on CPU")] = None,
-    kv_cache_space_gib: int = 1,
+    kv_cache_space_gib: int = EngineConfig.kv_cache_space_gib,
     cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND value")] = None,
     log_level: str = "info",
     log_format: LogFormatOption = None,
@@ -228,19 +246,6 @@ def _discovery_config(
         raise typer.BadParameter(e.message, param_hint="--config") from e
 
 
-PolicyOption = Annotated[
-    str | None,
-    typer.Option(
-        help="worker choice: round_robin, random, least_load, prefix, kv_aware, session "
-        "(default kv_aware; the config file's scheduling section can reweight them)"
-    ),
-]
-DisaggregationOption = Annotated[
-    str | None,
-    typer.Option(help="always | never | auto (per request, by the transfer-cost model)"),
-]
-
-
 def _scheduling_config(
     config_file: Path | None,
     prefill_policy: str | None,
@@ -276,8 +281,8 @@ def _scheduling_config(
 def router(
     model: Annotated[
         str, typer.Option(help="'default', 'tiny' or a model folder (for the tokenizer)")
-    ] = "default",
-    served_model_name: str | None = None,
+    ] = DEFAULT_MODEL,
+    served_model_name: ServedModelNameOption = None,
     prefill: Annotated[
         list[str] | None, typer.Option(help="prefill worker host:port (repeat)")
     ] = None,
@@ -306,10 +311,10 @@ def router(
     prefill_policy: Annotated[str | None, typer.Option(help="for prefill; over --policy")] = None,
     decode_policy: Annotated[str | None, typer.Option(help="for decode; over --policy")] = None,
     disaggregation: DisaggregationOption = None,
-    http_host: str = "127.0.0.1",
-    http_port: int = 8000,
-    grpc_host: str = "127.0.0.1",
-    grpc_port: int = 50051,
+    http_host: str = RouterConfig.http_host,
+    http_port: HttpPortOption = RouterConfig.http_port,
+    grpc_host: str = RouterConfig.grpc_host,
+    grpc_port: GrpcPortOption = RouterConfig.grpc_port,
     log_level: str = "info",
     log_format: LogFormatOption = None,
     otlp_endpoint: OtlpEndpointOption = None,

@@ -133,7 +133,7 @@ class DiscoveryConfig:
     mode: DiscoveryMode = DiscoveryMode.STATIC
     # Empty: the namespace the router pod runs in.
     namespace: str = ""
-    worker_port: int = 50100
+    worker_port: int = WorkerConfig.port
     # Kubernetes label selector per role, e.g. "app.kubernetes.io/instance=x,pdserve.io/role=y".
     selectors: Mapping[Role, str] = field(default_factory=dict)
     # Launcher mode: the launcher's control endpoint, e.g. http://127.0.0.1:50050.
@@ -389,15 +389,16 @@ class ClusterConfig:
     prefill: PoolConfig = PoolConfig(1)
     decode: PoolConfig = PoolConfig(1)
     both: PoolConfig = PoolConfig(0)
-    http_port: int = 8000
-    grpc_port: int = 50051
-    worker_base_port: int = 50100
-    metrics_base_port: int = 9100
-    kv_base_port: int = 5600
-    max_model_len: int = 2048
+    http_port: int = RouterConfig.http_port
+    grpc_port: int = RouterConfig.grpc_port
+    # The first worker's ports; the launcher counts up from them for the others.
+    worker_base_port: int = WorkerConfig.port
+    metrics_base_port: int = WorkerConfig.metrics_port
+    kv_base_port: int = WorkerConfig.kv_port
+    max_model_len: int = EngineConfig.max_model_len
     served_model_name: str | None = None
-    kv_transport: KvTransport = KvTransport.NIXL
-    kv_lease_s: float = 30.0
+    kv_transport: KvTransport = WorkerConfig.kv_transport
+    kv_lease_s: float = WorkerConfig.kv_lease_s
     # The launcher's control endpoint on 127.0.0.1 (`pdserve scale`, router discovery).
     control_port: int = 50050
     # The router's worker choice for both pools (None: its default) and when it splits
