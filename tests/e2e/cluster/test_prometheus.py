@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e import processes
 from tests.e2e.conftest import Cluster
@@ -90,24 +91,62 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
         processes.stop(proc, timeout_s=10)
 
 
-def _settled(expr: str, target: float, timeout_s: float = 20) -> float:
-    deadline = time.monotonic() + timeout_s
-    value = _query(expr)
-    while value < target and time.monotonic() < deadline:
+def _scraped(targets: list[str], sample: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of ``sample`` over ``targets``, read from their /metrics directly."""
+    total = 0.0
+    for target in targets:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == sample and all(
+                    s.labels.get(k) == v for k, v in (labels or {}).items()
+                ):
+                    total += s.value
+    return total
+
+
+def _in_sync(
+    expr: str, targets: list[str], sample: str, labels: dict[str, str] | None = None
+) -> float:
+    """Wait until Prometheus stores what the targets export now (scrapes lag and can be
+    late on busy cores); returns that value."""
+    deadline = time.monotonic() + 30
+    while True:
+        exported, stored = _scraped(targets, sample, labels), _query(expr)
+        if stored == exported:
+            return stored
+        assert time.monotonic() < deadline, f"{expr}: Prometheus has {stored}, targets {exported}"
         time.sleep(0.5)
-        value = _query(expr)
-    return value
 
 
 def test_prometheus_agrees_with_the_client(cluster: Cluster, prometheus: None) -> None:
-    ttft_count = "sum(pdserve_router_time_to_first_token_seconds_count)"
-    ttft_sum = "sum(pdserve_router_time_to_first_token_seconds_sum)"
-    produced = 'sum(pdserve_worker_kv_handles_total{direction="produced"})'
-    transfers = "sum(vllm:nixl_xfer_time_seconds_count)"
-    fallbacks = 'sum(pdserve_router_routing_decisions_total{mode="fallback_colocated"})'
-    time.sleep(2)  # a scrape after the previous tests' last request
-    queries = (ttft_count, ttft_sum, produced, transfers, fallbacks)
-    before = {q: _query(q) for q in queries}
+    router = [cluster.http.removeprefix("http://")]
+    workers = [f"127.0.0.1:{port}" for port in cluster.metrics_ports.values()]
+    # (PromQL, where it is exported, the sample, its labels)
+    series = {
+        "ttft_count": (
+            "sum(pdserve_router_time_to_first_token_seconds_count)",
+            router, "pdserve_router_time_to_first_token_seconds_count", None,
+        ),
+        "ttft_sum": (
+            "sum(pdserve_router_time_to_first_token_seconds_sum)",
+            router, "pdserve_router_time_to_first_token_seconds_sum", None,
+        ),
+        "produced": (
+            'sum(pdserve_worker_kv_handles_total{direction="produced"})',
+            workers, "pdserve_worker_kv_handles_total", {"direction": "produced"},
+        ),
+        "transfers": (
+            "sum(vllm:nixl_xfer_time_seconds_count)",
+            workers, "vllm:nixl_xfer_time_seconds_count", None,
+        ),
+        "fallbacks": (
+            'sum(pdserve_router_routing_decisions_total{mode="fallback_colocated"})',
+            router, "pdserve_router_routing_decisions_total", {"mode": "fallback_colocated"},
+        ),
+    }  # fmt: skip
+    before = {key: _in_sync(*spec) for key, spec in series.items()}
 
     client = OpenAI(base_url=f"{cluster.http}/v1", api_key="unused", max_retries=0)
     client_ttfts = []
@@ -131,19 +170,16 @@ def test_prometheus_agrees_with_the_client(cluster: Cluster, prometheus: None) -
         assert first is not None
         client_ttfts.append(first)
 
-    count = _settled(ttft_count, before[ttft_count] + requests) - before[ttft_count]
-    assert count == requests
-    router_ttft = _query(ttft_sum) - before[ttft_sum]
+    delta = {key: _in_sync(*spec) - before[key] for key, spec in series.items()}
+    assert delta["ttft_count"] == requests
     # The router's clock starts after the client's and stops before the client sees the
     # token: it may be smaller, never larger, and not by much on loopback.
-    assert router_ttft <= sum(client_ttfts) + 0.05
-    assert router_ttft >= 0.5 * sum(client_ttfts), (router_ttft, client_ttfts)
-    assert _settled(produced, before[produced] + requests) - before[produced] == requests
+    assert delta["ttft_sum"] <= sum(client_ttfts) + 0.05
+    assert delta["ttft_sum"] >= 0.5 * sum(client_ttfts), (delta["ttft_sum"], client_ttfts)
+    assert delta["produced"] == requests
     # A request whose decode call failed before its first token was served colocated
     # (counted as a fallback) and moved no KV; every other one pulled its KV over NIXL.
-    fell_back = _query(fallbacks) - before[fallbacks]
-    expected = requests - fell_back
-    assert _settled(transfers, before[transfers] + expected) - before[transfers] >= expected
+    assert delta["transfers"] >= requests - delta["fallbacks"]
 
 
 def test_every_queried_metric_is_exported(cluster: Cluster, prometheus: None) -> None:
