@@ -243,3 +243,16 @@ async def test_corrupt_protobuf_is_invalid_argument(router: Router) -> None:
             async for _ in call(b"\xff\xff\xff\x0f garbage", timeout=30):
                 pass
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_corrupt_protobuf_on_a_unary_method_is_invalid_argument(router: Router) -> None:
+    async with grpc.aio.insecure_channel(router.grpc_target) as channel:
+        call = channel.unary_unary(
+            "/pdserve.v1.Inference/ListModels",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(b"\xff\xff\xff\x0f garbage", timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed request message" in (refused.value.details() or "")
