@@ -22,6 +22,19 @@ environment is untouched.
    None`). Without the fix PP needs the torch.compile path, which takes minutes to start
    on small CPUs. Fix: allocate the buffer on first use, exactly as the dummy run does.
    Remove when vLLM allocates it outside the warm-up.
+
+3. Idle engines that keep CPU cores busy (CPU hosts only). Two loops spin by design, to
+   shave microseconds off GPU steps: NIXL's progress thread polls without pause (its
+   Python API hard-codes ``pthrDelay = 0``), and every engine worker process spins on its
+   shared-memory message queue for a second after each step. On a CPU host each engine
+   then holds about two cores, even idle (measured: 4 threads at 75-92 % for an idle
+   1P1D cluster on 2 cores), and the router and worker front-ends starve: requests stall
+   for tens of seconds and health checks miss their deadlines. vLLM already polls NIXL
+   on every engine step while a transfer is pending (on both sides: a prefill request
+   whose blocks are still held keeps its engine stepping), so on CPU pdserve turns the
+   progress thread off and lets the queue reader sleep until it is notified. Set
+   ``PDSERVE_SPIN_WAIT=1`` to keep vLLM's spinning. Remove when vLLM or NIXL expose
+   these knobs.
 """
 
 from __future__ import annotations
@@ -37,8 +50,12 @@ from types import ModuleType
 from typing import Any
 
 ENABLE_ENV = "PDSERVE_VLLM_PATCHES"
+SPIN_WAIT_ENV = "PDSERVE_SPIN_WAIT"
 _MARK = "_pdserve_patched"
 _MODEL_RUNNER = "vllm.v1.worker.gpu_model_runner"
+_SHM_QUEUE = "vllm.distributed.device_communicators.shm_broadcast"
+_NIXL_WORKER = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker"
+_NIXL_CONFIG = "nixl_agent_config"  # the name base_worker calls its agent config by
 
 
 def consumers_with_pp(count: int, local_pp_size: int) -> int:
@@ -54,6 +71,46 @@ def register() -> None:
     # The model runner is heavy to import (tens of seconds on a small CPU) and only the
     # engine's worker processes need it: patch it when, and if, they import it.
     after_import(_MODEL_RUNNER, _patch_intermediate_tensors)
+    if _quiet_idle():
+        after_import(_SHM_QUEUE, _patch_queue_busy_loop)
+        after_import(_NIXL_WORKER, _patch_nixl_progress_thread)
+
+
+def _quiet_idle() -> bool:
+    if os.environ.get(SPIN_WAIT_ENV) == "1":
+        return False
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _patch_queue_busy_loop(module: ModuleType) -> None:
+    condition = module.SpinCondition
+    original = condition.__init__
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.busy_loop_s = 0  # wait on the notification socket right away
+
+    setattr(__init__, _MARK, True)
+    condition.__init__ = __init__
+
+
+def _patch_nixl_progress_thread(module: ModuleType) -> None:
+    make_config = getattr(module, _NIXL_CONFIG, None)
+    if make_config is None or getattr(make_config, _MARK, False):
+        return
+
+    @functools.wraps(make_config)
+    def nixl_agent_config(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("enable_prog_thread", False)
+        return make_config(*args, **kwargs)
+
+    setattr(nixl_agent_config, _MARK, True)
+    setattr(module, _NIXL_CONFIG, nixl_agent_config)
 
 
 def _patch_consumer_count() -> None:

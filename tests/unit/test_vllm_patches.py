@@ -35,6 +35,7 @@ def test_register_wraps_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
     original = utils.TransferTopology.dcp_consumer_count
     monkeypatch.setenv(vllm_patches.ENABLE_ENV, "1")
+    monkeypatch.setenv(vllm_patches.SPIN_WAIT_ENV, "1")  # the CPU-only fixes: tested below
     monkeypatch.setattr(utils.TransferTopology, "dcp_consumer_count", original)
     vllm_patches.register()
     patched = utils.TransferTopology.dcp_consumer_count
@@ -90,3 +91,57 @@ def test_pipeline_stage_buffer_is_allocated_on_first_use() -> None:
     runner.intermediate_tensors = "existing"
     assert runner.sync_and_gather_intermediate_tensors(4, None, True) == "existing"
     assert calls == [8, 4]
+
+
+def test_cpu_engines_wait_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU (this machine) the queue reader and the NIXL agent are patched on import;
+    PDSERVE_SPIN_WAIT=1 keeps vLLM's spinning."""
+    from vllm.platforms import current_platform
+
+    assert current_platform.is_cpu()
+    deferred: list[str] = []
+    monkeypatch.setattr(vllm_patches, "after_import", lambda name, patch: deferred.append(name))
+    monkeypatch.setenv(vllm_patches.ENABLE_ENV, "1")
+    monkeypatch.delenv(vllm_patches.SPIN_WAIT_ENV, raising=False)
+    vllm_patches.register()
+    assert deferred[1:] == [vllm_patches._SHM_QUEUE, vllm_patches._NIXL_WORKER]
+    monkeypatch.setenv(vllm_patches.SPIN_WAIT_ENV, "1")
+    vllm_patches.register()
+    assert deferred[3:] == [vllm_patches._MODEL_RUNNER]
+
+
+def test_queue_reader_sleeps_until_notified() -> None:
+    import inspect
+
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    # The knob the fix overrides is still vLLM's: a reader spins busy_loop_s after a read.
+    default = inspect.signature(shm_broadcast.SpinCondition.__init__).parameters["busy_loop_s"]
+    assert default.default == 1
+
+    class SpinCondition:  # stands in for vLLM's (whose sockets need a live engine)
+        def __init__(self, is_reader: bool, busy_loop_s: float = 1) -> None:
+            self.busy_loop_s = busy_loop_s
+
+    module = SimpleNamespace(SpinCondition=SpinCondition)
+    vllm_patches._patch_queue_busy_loop(module)  # type: ignore[arg-type]
+    patched = SpinCondition.__init__
+    vllm_patches._patch_queue_busy_loop(module)  # type: ignore[arg-type]
+    assert SpinCondition.__init__ is patched  # once only
+    assert SpinCondition(True).busy_loop_s == 0
+    assert SpinCondition(True, busy_loop_s=5).busy_loop_s == 0
+
+
+def test_nixl_agents_start_without_a_progress_thread() -> None:
+    from vllm.distributed import nixl_utils
+
+    real = nixl_utils.nixl_agent_config
+    module = SimpleNamespace(nixl_agent_config=real)
+    vllm_patches._patch_nixl_progress_thread(module)  # type: ignore[arg-type]
+    patched = module.nixl_agent_config
+    vllm_patches._patch_nixl_progress_thread(module)  # type: ignore[arg-type]
+    assert module.nixl_agent_config is patched
+    assert real(num_threads=4).enable_pthread is True  # NIXL's default
+    config = patched(num_threads=4, capture_telemetry=True)
+    assert config.enable_pthread is False and config.num_threads == 4
+    assert patched(enable_prog_thread=True).enable_pthread is True
