@@ -110,7 +110,7 @@ def test_cpu_engines_wait_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -
     assert deferred[3:] == [vllm_patches._MODEL_RUNNER]
 
 
-def test_queue_reader_sleeps_until_notified() -> None:
+def test_queue_reader_spins_briefly_and_rechecks_often() -> None:
     import inspect
 
     from vllm.distributed.device_communicators import shm_broadcast
@@ -123,25 +123,45 @@ def test_queue_reader_sleeps_until_notified() -> None:
         def __init__(self, is_reader: bool, busy_loop_s: float = 1) -> None:
             self.busy_loop_s = busy_loop_s
 
-    module = SimpleNamespace(SpinCondition=SpinCondition)
+    assert shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS == 5000  # vLLM's, unpatched here
+    module = SimpleNamespace(SpinCondition=SpinCondition, SHM_READER_RECHECK_INTERVAL_MS=5000)
     vllm_patches._patch_queue_busy_loop(module)  # type: ignore[arg-type]
     patched = SpinCondition.__init__
     vllm_patches._patch_queue_busy_loop(module)  # type: ignore[arg-type]
     assert SpinCondition.__init__ is patched  # once only
-    assert SpinCondition(True).busy_loop_s == 0
-    assert SpinCondition(True, busy_loop_s=5).busy_loop_s == 0
+    assert SpinCondition(True).busy_loop_s == vllm_patches.QUEUE_SPIN_S
+    assert SpinCondition(True, busy_loop_s=0).busy_loop_s == 0
+    assert module.SHM_READER_RECHECK_INTERVAL_MS == vllm_patches.QUEUE_RECHECK_MS
 
 
-def test_nixl_agents_start_without_a_progress_thread() -> None:
+def test_nixl_progress_thread_pauses_between_polls() -> None:
+    """A real NIXL agent: its progress thread busy-polls unless paced."""
+    import time
+
     from vllm.distributed import nixl_utils
 
-    real = nixl_utils.nixl_agent_config
-    module = SimpleNamespace(nixl_agent_config=real)
-    vllm_patches._patch_nixl_progress_thread(module)  # type: ignore[arg-type]
-    patched = module.nixl_agent_config
-    vllm_patches._patch_nixl_progress_thread(module)  # type: ignore[arg-type]
-    assert module.nixl_agent_config is patched
-    assert real(num_threads=4).enable_pthread is True  # NIXL's default
-    config = patched(num_threads=4, capture_telemetry=True)
-    assert config.enable_pthread is False and config.num_threads == 4
-    assert patched(enable_prog_thread=True).enable_pthread is True
+    config = nixl_utils.nixl_agent_config
+    api = sys.modules[config.__module__]
+    native = api.nixlBind.nixlAgentConfig
+
+    def idle_cpu_s(name: str) -> float:
+        agent = api.nixl_agent(name, config(num_threads=1))
+        started = time.process_time()
+        time.sleep(1.0)
+        used = time.process_time() - started
+        del agent
+        return used
+
+    try:
+        spinning = idle_cpu_s("pdserve-test-spinning")
+        vllm_patches._patch_nixl_progress_thread(SimpleNamespace(nixl_agent_config=config))  # type: ignore[arg-type]
+        paced_class = api.nixlBind.nixlAgentConfig
+        vllm_patches._patch_nixl_progress_thread(SimpleNamespace(nixl_agent_config=config))  # type: ignore[arg-type]
+        assert api.nixlBind.nixlAgentConfig is paced_class  # once only
+        paced = paced_class()
+        paced.pthrDelay = 0
+        assert paced.pthrDelay == vllm_patches.NIXL_PROGRESS_DELAY_US
+        quiet = idle_cpu_s("pdserve-test-paced")
+    finally:
+        api.nixlBind.nixlAgentConfig = native
+    assert spinning > 0.1 and quiet < 0.25 * spinning, (spinning, quiet)
