@@ -126,6 +126,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         time.monotonic() - started
                     )
                     first = False
+                if msg.finish_reason:
+                    # The router may close the call as soon as it has the last message.
+                    status = "ok"
                 yield msg
             status = "ok"
         except PdserveError as e:
@@ -135,11 +138,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.metrics.kv_incompatible.labels(self.metrics.role).inc()
             log.warning("request %s failed: %s", request.request_id, e.message)
             await context.abort(e.grpc_code, e.message)
-        except asyncio.CancelledError:
-            # The router went away; vLLM's generator aborts the request in the engine
-            # (freeing its KV blocks) when the iteration is cancelled.
-            status = "cancelled"
-            trace.set(ATTR_CANCELLED, True)
+        except (asyncio.CancelledError, GeneratorExit):
+            # The router went away (gRPC cancels the handler, or closes this generator);
+            # vLLM's generator aborts the request in the engine (freeing its KV blocks)
+            # when the iteration is cancelled or closed.
+            if status != "ok":
+                status = "cancelled"
+                trace.set(ATTR_CANCELLED, True)
             raise
         finally:
             record_stage_spans(trace, request.stage, state.stats, state.kv)

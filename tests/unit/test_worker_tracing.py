@@ -179,3 +179,41 @@ async def test_prefill_spans_and_no_timings_without_a_trace(worker: Any) -> None
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert set(spans) == {"worker.prefill", "queue", "prefill_compute"}
     assert spans["worker.prefill"].parent is None
+
+
+def _outcomes(metrics: Any) -> dict[str, float]:
+    return {
+        s.labels["status"]: s.value
+        for family in metrics.requests.collect()
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+async def _finished(metrics: Any, count: int) -> dict[str, float]:
+    for _ in range(200):
+        outcomes = _outcomes(metrics)
+        if sum(outcomes.values()) >= count:
+            return outcomes
+        await asyncio.sleep(0.01)
+    return _outcomes(metrics)
+
+
+async def test_a_call_closed_after_its_last_message_counts_as_ok(worker: Any) -> None:
+    """The router closes the call as soon as it has the finishing message."""
+    stub, _, metrics = worker
+    call = stub.Generate(_request(pb.STAGE_FULL))
+    async for msg in call:
+        if msg.finish_reason:
+            call.cancel()
+            break
+    assert await _finished(metrics, 1) == {"ok": 1.0}
+
+
+async def test_a_call_closed_mid_stream_counts_as_cancelled(worker: Any) -> None:
+    stub, _, metrics = worker
+    call = stub.Generate(_request(pb.STAGE_FULL))
+    async for _ in call:
+        call.cancel()  # after the first of three tokens
+        break
+    assert await _finished(metrics, 1) == {"cancelled": 1.0}
