@@ -88,11 +88,20 @@ def _die_with_parent() -> None:
 
 def cpu_binds(pools: list[PoolConfig], cores: list[int]) -> list[str]:
     """One VLLM_CPU_OMP_THREADS_BIND value per worker: each engine rank gets a core,
-    round-robin over the available cores (ranks share cores when there are too few)."""
+    round-robin over the available cores (ranks share cores when there are too few).
+
+    Multi-rank (TP/PP) engines are not pinned when the host has fewer cores than the
+    cluster has engine ranks: vLLM 0.32 then pinned every rank of both engines to the
+    same core (measured: the four TP/PP ranks of a TP2 + PP2 cluster all on core 1 of 2,
+    the prefill ranks starved behind the decode ranks and no request finished)."""
     binds: list[str] = []
     next_core = 0
+    oversubscribed = sum(p.replicas * p.ranks for p in pools) > len(cores)
     for pool in pools:
         for _ in range(pool.replicas):
+            if oversubscribed and pool.ranks > 1:
+                binds.append("nobind")
+                continue
             ranks = []
             for _ in range(pool.ranks):
                 ranks.append(str(cores[next_core % len(cores)]))

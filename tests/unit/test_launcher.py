@@ -16,9 +16,19 @@ from pdserve.errors import ConfigError
 
 def test_cpu_binds_round_robin_over_cores() -> None:
     pools = [PoolConfig(1, tensor_parallel_size=2), PoolConfig(1, pipeline_parallel_size=2)]
-    assert cpu_binds(pools, [0, 1]) == ["0|1", "0|1"]
+    assert cpu_binds(pools, [0, 1, 2, 3]) == ["0|1", "2|3"]
     assert cpu_binds([PoolConfig(1), PoolConfig(1)], [0, 1]) == ["0", "1"]
+    # Single-rank engines share cores when there are too few.
     assert cpu_binds([PoolConfig(3)], [4, 5]) == ["4", "5", "4"]
+
+
+def test_multi_rank_engines_are_not_pinned_on_too_few_cores() -> None:
+    pools = [PoolConfig(1, tensor_parallel_size=2), PoolConfig(1, pipeline_parallel_size=2)]
+    assert cpu_binds(pools, [0, 1]) == ["nobind", "nobind"]
+    assert cpu_binds([PoolConfig(1, tensor_parallel_size=2), PoolConfig(1)], [0, 1]) == [
+        "nobind",
+        "0",
+    ]
 
 
 @pytest.mark.parametrize(
