@@ -53,13 +53,11 @@ unit: install
 e2e: install
 	$(BIN)/pytest -q tests/e2e
 
-# The TP/PP clusters (tests/e2e/topology: NIXL TP=2 -> PP=2; tests/e2e/grpc_topology: gRPC
-# PP=2 -> TP=2) run with `make test-topology`: in the last fresh-clone run the TP2/PP2
-# cluster never became ready (its decode worker never joined the router's pool).
+# Everything but the chaos suite with engines: unit tests, then the e2e packages, each
+# with its own real cluster (1P1D, gRPC KV, TP2->PP2, PP2->TP2, 1P2D routing, tracing,
+# scaling). About 16 min on 2 cores.
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests --ignore=tests/e2e/grpc_topology --ignore=tests/chaos \
-		--ignore=tests/e2e/scaling --ignore=tests/e2e/tracing --ignore=tests/e2e/routing \
-		--ignore=tests/e2e/topology
+	$(BIN)/pytest -q -ra tests --ignore=tests/chaos
 	PDSERVE_CHAOS_TOY=1 $(BIN)/pytest -q -ra tests/chaos
 
 # The chaos suite (tests/chaos) kills, stops and restarts real workers of its own 1P+2D
@@ -68,19 +66,12 @@ test: lint typecheck
 test-chaos: install
 	$(BIN)/pytest -q -ra -s tests/chaos
 
-# Resizing a running cluster (tests/e2e/scaling): decode 1 -> 2 -> 1 under load, about
-# 5-8 min on 2 cores. Not in `make test` until it has been seen passing.
 test-scaling: install
 	$(BIN)/pytest -q -ra tests/e2e/scaling
 
-# Tracing across processes (tests/e2e/tracing): its own 1P+1D cluster exporting over OTLP.
-# Not in `make test`: in the last fresh-clone run, with tracing on, decode calls stalled
-# until the KV lease expired (see docs/testing.md).
 test-tracing: install
 	$(BIN)/pytest -q -ra tests/e2e/tracing
 
-# kv_aware routing on a real 1P+2D cluster (tests/e2e/routing). Not in `make test`: its one
-# fresh-clone run failed while both decode workers missed health-check deadlines.
 test-routing: install
 	$(BIN)/pytest -q -ra tests/e2e/routing
 
