@@ -93,18 +93,14 @@ def _quiet_idle() -> bool:
 
 
 def _patch_queue_busy_loop(module: ModuleType) -> None:
-    condition = module.SpinCondition
-    original = condition.__init__
-    if getattr(original, _MARK, False):
-        return
+    def wrap(original: Callable[..., None]) -> Callable[..., None]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            self.busy_loop_s = min(self.busy_loop_s, QUEUE_SPIN_S)
 
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self.busy_loop_s = min(self.busy_loop_s, QUEUE_SPIN_S)
+        return __init__
 
-    setattr(__init__, _MARK, True)
-    condition.__init__ = __init__
+    _wrap_once(module.SpinCondition, "__init__", wrap)
     # vLLM's notification can be lost (it says so), and a sleeping reader then rechecks
     # only every 5 s; readers that sleep often must recheck sooner.
     recheck_ms = min(getattr(module, _RECHECK), QUEUE_RECHECK_MS)
@@ -136,39 +132,44 @@ def _patch_nixl_progress_thread(module: ModuleType) -> None:
 def _patch_consumer_count() -> None:
     from vllm.distributed.kv_transfer.kv_connector import utils
 
-    original = utils.TransferTopology.dcp_consumer_count
-    if getattr(original, _MARK, False):
-        return
+    def wrap(original: Callable[..., int]) -> Callable[..., int]:
+        def dcp_consumer_count(self: Any, remote_tp_size: int, remote_dcp_size: int) -> int:
+            from vllm.distributed.parallel_state import get_pp_group
 
-    @functools.wraps(original)
-    def dcp_consumer_count(self: Any, remote_tp_size: int, remote_dcp_size: int) -> int:
-        from vllm.distributed.parallel_state import get_pp_group
+            count = original(self, remote_tp_size, remote_dcp_size)
+            return consumers_with_pp(count, get_pp_group().world_size)
 
-        count = original(self, remote_tp_size, remote_dcp_size)
-        return consumers_with_pp(count, get_pp_group().world_size)
+        return dcp_consumer_count
 
-    setattr(dcp_consumer_count, _MARK, True)
-    utils.TransferTopology.dcp_consumer_count = dcp_consumer_count
+    _wrap_once(utils.TransferTopology, "dcp_consumer_count", wrap)
 
 
 def _patch_intermediate_tensors(module: ModuleType) -> None:
-    runner = module.GPUModelRunner
-    original = runner.sync_and_gather_intermediate_tensors
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def sync_and_gather_intermediate_tensors(self: Any, num_tokens: int, *args: Any) -> Any:
+            if self.intermediate_tensors is None:
+                self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                    batch_size=self.max_num_tokens,
+                    dtype=self.model_config.dtype,
+                    device=self.device,
+                )
+            return original(self, num_tokens, *args)
+
+        return sync_and_gather_intermediate_tensors
+
+    _wrap_once(module.GPUModelRunner, "sync_and_gather_intermediate_tensors", wrap)
+
+
+def _wrap_once(
+    owner: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> None:
+    """Replace ``owner.name`` by ``wrap(original)``, unless it is already wrapped."""
+    original = getattr(owner, name)
     if getattr(original, _MARK, False):
         return
-
-    @functools.wraps(original)
-    def sync_and_gather_intermediate_tensors(self: Any, num_tokens: int, *args: Any) -> Any:
-        if self.intermediate_tensors is None:
-            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
-                batch_size=self.max_num_tokens,
-                dtype=self.model_config.dtype,
-                device=self.device,
-            )
-        return original(self, num_tokens, *args)
-
-    setattr(sync_and_gather_intermediate_tensors, _MARK, True)
-    runner.sync_and_gather_intermediate_tensors = sync_and_gather_intermediate_tensors
+    wrapped = functools.wraps(original)(wrap(original))
+    setattr(wrapped, _MARK, True)
+    setattr(owner, name, wrapped)
 
 
 def after_import(name: str, patch: Callable[[ModuleType], None]) -> None:

@@ -232,27 +232,21 @@ async def test_fuzzed_protobuf_bytes_are_invalid_argument(router: Router, raw: b
             assert e.code() not in SERVER_FAULTS, (raw, e.code(), e.details())
 
 
-async def test_corrupt_protobuf_is_invalid_argument(router: Router) -> None:
+@pytest.mark.parametrize("method", ["Generate", "ListModels"])  # streaming and unary
+async def test_corrupt_protobuf_is_invalid_argument(router: Router, method: str) -> None:
     async with grpc.aio.insecure_channel(router.grpc_target) as channel:
-        call = channel.unary_stream(
-            "/pdserve.v1.Inference/Generate",
+        make = channel.unary_stream if method == "Generate" else channel.unary_unary
+        call = make(
+            f"/pdserve.v1.Inference/{method}",
             request_serializer=lambda b: b,
             response_deserializer=lambda b: b,
         )
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            async for _ in call(b"\xff\xff\xff\x0f garbage", timeout=30):
-                pass
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_corrupt_protobuf_on_a_unary_method_is_invalid_argument(router: Router) -> None:
-    async with grpc.aio.insecure_channel(router.grpc_target) as channel:
-        call = channel.unary_unary(
-            "/pdserve.v1.Inference/ListModels",
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call(b"\xff\xff\xff\x0f garbage", timeout=30)
+            reply = call(b"\xff\xff\xff\x0f garbage", timeout=30)
+            if method == "Generate":
+                async for _ in reply:
+                    pass
+            else:
+                await reply
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed request message" in (refused.value.details() or "")
