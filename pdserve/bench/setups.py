@@ -28,6 +28,8 @@ from pdserve.errors import ConfigError, PdserveError
 KINDS = ("vllm", "vllm-pd", "pdserve", "attach")
 DEFAULT_SETUPS = ("vllm", "vllm-pd", "pdserve")
 _PORTS_PER_SETUP = 20
+# NIXL side channels: a pdserve worker takes 8 (deploy/local/launcher.py), a 1P1D setup 16.
+_SIDE_PORTS_PER_SETUP = 20
 _NIXL_KV = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
 
 
@@ -236,7 +238,7 @@ def build_setup(spec: SetupSpec, ctx: SetupContext, index: int) -> Setup:
         assert spec.url is not None  # SetupSpec.attach guarantees it
         return Setup(spec, spec.url)
     base = ctx.port_base + index * _PORTS_PER_SETUP
-    side = ctx.side_channel_base + index * 10
+    side = ctx.side_channel_base + index * _SIDE_PORTS_PER_SETUP
     logs = ctx.log_dir / spec.label
     if spec.kind == "vllm":
         server = _vllm_server(ctx, "vllm", base, logs, list(spec.extra_args), {})
@@ -312,7 +314,8 @@ def _pdserve(spec: SetupSpec, ctx: SetupContext, base: int, side: int, logs: Pat
         "--prefill", "1", "--decode", "1",
         "--http-port", str(base), "--grpc-port", str(base + 1),
         "--worker-base-port", str(base + 2), "--metrics-base-port", str(base + 10),
-        "--kv-base-port", str(side), "--max-model-len", str(ctx.max_model_len),
+        "--kv-base-port", str(side), "--control-port", str(base + 19),
+        "--max-model-len", str(ctx.max_model_len),
         "--log-dir", str(logs / "cluster"), *spec.extra_args,
     ]  # fmt: skip
     up = ManagedProcess("pdserve-up", argv, {}, logs / "pdserve-up.log")

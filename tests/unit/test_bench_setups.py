@@ -55,7 +55,7 @@ def test_commands_use_separate_port_blocks(tmp_path: Path) -> None:
     assert prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     sides = {prefill.env["VLLM_NIXL_SIDE_CHANNEL_PORT"], decode.env["VLLM_NIXL_SIDE_CHANNEL_PORT"]}
-    assert sides == {"18610", "18615"}
+    assert sides == {"18620", "18625"}
     assert "--vllm-pd-disaggregation" in router.argv
     assert "http://127.0.0.1:18021" in router.argv and "http://127.0.0.1:18022" in router.argv
     up = build_setup(SetupSpec.parse("pdserve:--prefill 2"), c, 2)
