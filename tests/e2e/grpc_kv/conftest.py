@@ -7,7 +7,6 @@ the lease test finishes quickly, and the KvTransfer fault-injection hook is enab
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +30,5 @@ def grpc_cluster(
     log_dir = tmp_path_factory.mktemp("cluster-grpc-kv")
     argv = ["--prefill", "1", "--decode", "1", "--kv-transport", "grpc"]
     argv += ["--kv-lease-s", str(LEASE_S)]
-    previous = os.environ.get(FAULT_INJECTION_ENV)
-    os.environ[FAULT_INJECTION_ENV] = "1"  # inherited by `pdserve up` and its workers
-    try:
-        yield from run_cluster(tiny_model, log_dir, BASE_PORT, argv, 600)
-    finally:
-        if previous is None:
-            os.environ.pop(FAULT_INJECTION_ENV, None)
-        else:
-            os.environ[FAULT_INJECTION_ENV] = previous
+    # The fault-injection hook, for `pdserve up` and the workers it starts.
+    yield from run_cluster(tiny_model, log_dir, BASE_PORT, argv, 600, {FAULT_INJECTION_ENV: "1"})
