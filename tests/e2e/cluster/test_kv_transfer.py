@@ -61,11 +61,14 @@ def test_cancelled_stream_frees_the_decode_worker(cluster: Cluster) -> None:
     body = {"model": "tiny-llama", "prompt": "The", "max_tokens": 400, "temperature": 0,
             "stream": True, "ignore_eos": True}  # fmt: skip
     with httpx.stream("POST", f"{cluster.http}/v1/completions", json=body, timeout=180) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 3:
-                break  # hang up
-    # The hang-up may land during the prefill or the decode: every worker must end with
-    # nothing running, and one of them must have recorded the cancellation.
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data:")
+            if events >= 5:
+                break  # hang up, with the decode stage running (prefill makes 1 token)
+    # The decode worker must record the cancellation, and no worker keep it running.
+    # (A hang-up between the stages would cancel no worker call: the prefill call had
+    # finished, and counts as ok.)
     deadline = time.monotonic() + 60
     while True:
         texts = [_scrape(port) for port in cluster.metrics_ports.values()]
