@@ -13,6 +13,10 @@ from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.worker.sampling import to_vllm
 
+# How long past its lease a decode request may still wait for its KV: the prefill side
+# may free the blocks once the lease ends, so waiting much longer only hides a hang.
+KV_WAIT_GRACE_S = 10.0
+
 
 class DecodeStage:
     def __init__(self, transport: KvTransport, layout: KvLayout) -> None:
@@ -39,3 +43,9 @@ class DecodeStage:
         if handle.lease_deadline_unix_ms < time.time() * 1000:
             raise KvTransferError("the KV lease expired before the decode worker could pull it")
         return to_vllm(msg, kv_transfer_params=self.transport.decode_request_params(handle))
+
+    @staticmethod
+    def kv_wait_s(handle_msg: pb.KvHandle) -> float:
+        """Seconds this request may wait for its first output (its KV): the lease plus grace."""
+        left_s = handle_msg.lease_deadline_unix_ms / 1000 - time.time()
+        return max(left_s, 0.0) + KV_WAIT_GRACE_S

@@ -73,6 +73,28 @@ class _RunState:
     kv: KvTransferInfo | None = None
 
 
+async def _first_within(outputs: AsyncIterator[Any], timeout_s: float) -> AsyncIterator[Any]:
+    """``outputs``, failing with ``KvTransferError`` unless the first arrives in time.
+
+    A decode request's first output exists only once its KV has arrived. vLLM waits for a
+    stuck NIXL transfer (or handshake) without end, so without this deadline the request
+    would hang; with it, the engine aborts it (its blocks are freed) and the router fails
+    over to another pair or to colocated serving.
+    """
+    iterator = aiter(outputs)
+    try:
+        first = await asyncio.wait_for(anext(iterator), timeout_s)
+    except StopAsyncIteration:
+        return
+    except TimeoutError:
+        raise KvTransferError(
+            f"the prompt's KV did not arrive within {timeout_s:.0f} s (its lease ran out)"
+        ) from None
+    yield first
+    async for out in iterator:
+        yield out
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(
         self,
@@ -187,7 +209,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         prompt = list(request.prompt_token_ids)
         completion_tokens = 0
-        async for out in self.engine.generate(request.request_id, prompt, params):
+        outputs = self.engine.generate(request.request_id, prompt, params)
+        if request.stage == pb.STAGE_DECODE:
+            outputs = _first_within(outputs, self.decode.kv_wait_s(request.kv_handle))
+        async for out in outputs:
             state.stats = out.metrics
             if request.stage == pb.STAGE_DECODE and state.kv is None:
                 # The first output exists only once the KV has arrived.

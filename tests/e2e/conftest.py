@@ -7,7 +7,7 @@ are not shared while the clusters run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,22 @@ from tests.e2e.prompts import (
 )
 
 REFERENCE_PORT = 28900
+# Log folders of the clusters running now: a failing test gets their tails in its report.
+_LIVE_LOG_DIRS: list[Path] = []
+LOG_TAIL_LINES = 40
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for log_dir in _LIVE_LOG_DIRS:
+            for log in sorted(log_dir.glob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+                report.sections.append((f"cluster log {log}", "\n".join(lines)))
+    return report
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ def run_cluster(
     log = log_dir / "up.log"
     log_dir.mkdir(parents=True, exist_ok=True)
     proc = processes.start(argv, log, env)
+    _LIVE_LOG_DIRS.append(log_dir)
     try:
         processes.wait_http_ok(f"http://127.0.0.1:{http_port}/ready", proc, log, timeout_s)
         roles = ["prefill-0", "decode-0"]
@@ -150,3 +167,4 @@ def run_cluster(
         )
     finally:
         processes.stop(proc)
+        _LIVE_LOG_DIRS.remove(log_dir)

@@ -9,6 +9,7 @@ returned in trailing metadata.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -72,13 +73,22 @@ class FakeEngine:
     load: LoadSnapshot = field(default_factory=LoadSnapshot)
     max_model_len: int = 512
 
+    kv_never_arrives: bool = False  # decode requests wait forever (a stuck NIXL transfer)
+    aborted: list[str] = field(default_factory=list)
+
     async def generate(self, request_id: str, prompt: list[int], params: Any) -> AsyncIterator[Any]:
+        kv = (params.extra_args or {}).get("kv_transfer_params") or {}
+        if self.kv_never_arrives and kv.get("do_remote_prefill"):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.aborted.append(request_id)  # AsyncLLM.generate aborts it here
+                raise
         # Stamps taken as time passes, like the engine core's.
         stats = Stats(queued_ts=time.monotonic())
         await asyncio.sleep(0.002)
         stats.scheduled_ts = time.monotonic()
         await asyncio.sleep(0.002)
-        kv = (params.extra_args or {}).get("kv_transfer_params") or {}
         if kv.get("do_remote_decode"):
             stats.first_token_ts = stats.last_token_ts = time.monotonic()
             params_out = {
@@ -99,13 +109,15 @@ class FakeEngine:
             yield Output([Completion("x", [10 + i], "length" if done else None)], done, stats)
 
 
-@pytest.fixture
-async def worker() -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, InMemorySpanExporter, Any]]:
+@contextlib.asynccontextmanager
+async def _serve(
+    engine: FakeEngine,
+) -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, InMemorySpanExporter, Any]]:
     exporter = InMemorySpanExporter()
     tracing = Tracing.create(TracingConfig(), "pdserve-worker", [SimpleSpanProcessor(exporter)])
     config = WorkerConfig(Role.BOTH, EngineConfig("unused", "fake-model"), "both-0")
     metrics = WorkerMetrics(CollectorRegistry(), "both")
-    servicer = WorkerServicer(config, FakeEngine(), metrics, tracing)  # type: ignore[arg-type]
+    servicer = WorkerServicer(config, engine, metrics, tracing)  # type: ignore[arg-type]
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -114,6 +126,28 @@ async def worker() -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, InMemorySp
     yield worker_pb2_grpc.WorkerStub(channel), exporter, metrics
     await channel.close()
     await server.stop(None)
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[tuple[worker_pb2_grpc.WorkerStub, InMemorySpanExporter, Any]]:
+    async with _serve(FakeEngine()) as served:
+        yield served
+
+
+def _nixl_handle(lease_s: float = 30.0) -> pb.KvHandle:
+    handle = NixlTransport(lease_s).handle_from_prefill(
+        {
+            "remote_engine_id": "prefill-0",
+            "remote_block_ids": [[1, 2, 3]],
+            "remote_host": "127.0.0.1",
+            "remote_port": 5600,
+            "remote_request_id": "r1",
+        },
+        LAYOUT,
+        40,
+        now_ms=int(time.time() * 1000),
+    )
+    return handle_to_proto(handle)
 
 
 def _request(stage: int, handle: pb.KvHandle | None = None) -> pb.WorkerGenerateRequest:
@@ -130,21 +164,9 @@ def _request(stage: int, handle: pb.KvHandle | None = None) -> pb.WorkerGenerate
 
 async def test_decode_spans_bytes_and_trailing_timings(worker: Any) -> None:
     stub, exporter, metrics = worker
-    handle = NixlTransport(30.0).handle_from_prefill(
-        {
-            "remote_engine_id": "prefill-0",
-            "remote_block_ids": [[1, 2, 3]],
-            "remote_host": "127.0.0.1",
-            "remote_port": 5600,
-            "remote_request_id": "r1",
-        },
-        LAYOUT,
-        40,
-        now_ms=int(time.time() * 1000),
-    )
     parent = "00f067aa0ba902b7"
     call = stub.Generate(
-        _request(pb.STAGE_DECODE, handle_to_proto(handle)),
+        _request(pb.STAGE_DECODE, _nixl_handle()),
         metadata=(("traceparent", f"00-{TRACE}-{parent}-01"),),
     )
     messages = [m async for m in call]
@@ -217,3 +239,24 @@ async def test_a_call_closed_mid_stream_counts_as_cancelled(worker: Any) -> None
         call.cancel()  # after the first of three tokens
         break
     assert await _finished(metrics, 1) == {"cancelled": 1.0}
+
+
+async def test_a_decode_whose_kv_never_arrives_fails_once_its_lease_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM waits for a stuck transfer without end; the worker gives up after the lease
+    (plus grace), aborts the engine request and answers with a KV transfer error, so the
+    router can fail over instead of hanging."""
+    monkeypatch.setattr("pdserve.decode_worker.stage.KV_WAIT_GRACE_S", 0.2)
+    engine = FakeEngine(kv_never_arrives=True)
+    async with _serve(engine) as (stub, _, metrics):
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in stub.Generate(_request(pb.STAGE_DECODE, _nixl_handle(lease_s=1.0))):
+                pass
+        waited = time.monotonic() - started
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "did not arrive" in (failed.value.details() or "")
+        assert 0.9 < waited < 10, waited  # the lease (1 s) plus grace, not forever
+        assert engine.aborted == ["r1"]
+        assert await _finished(metrics, 1) == {"KvTransferError": 1.0}
