@@ -122,7 +122,7 @@ class GenerationService:
             )
         return max_tokens
 
-    async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
+    async def generate(self, call: GenerateCall) -> AsyncGenerator[Delta, None]:
         """Admit, plan, run; on a worker failure retry, fall back or migrate (retry.py)."""
         check_sampling(call.sampling)
         async with self.admission.admitted():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -285,7 +286,9 @@ def build_http_app(
             if first.route:
                 headers[ROUTE_HEADER] = first.route
             stream = _sse(shape, first, deltas, body.include_usage_in_stream, trace)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+            return _ClosingStreamingResponse(
+                stream, media_type="text/event-stream", headers=headers
+            )
         text: list[str] = []
         token_ids: list[int] = []
         last = Delta("", [])
@@ -305,25 +308,45 @@ def build_http_app(
     return app
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes the event stream when the response ends, also when the client hung up.
+
+    Starlette leaves the body iterator suspended when a send fails on a closed connection;
+    the worker calls under it would then be cancelled only when the garbage collector gets
+    to it (seconds later, or after the request finished on the engines anyway). Closing
+    it here cancels them, and the engines abort the request, at once.
+    """
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
+
+
 async def _sse(
     shape: _Shape,
     first: Delta,
-    rest: AsyncIterator[Delta],
+    rest: AsyncGenerator[Delta, None],
     include_usage: bool,
     trace: RequestTrace,
 ) -> AsyncIterator[str]:
     def event(obj: dict[str, Any]) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def all_deltas() -> AsyncIterator[Delta]:
+    async def all_deltas() -> AsyncGenerator[Delta, None]:
         yield first
-        async for d in rest:
-            yield d
+        async with contextlib.aclosing(rest):
+            async for d in rest:
+                yield d
 
     usage = None
     is_first = True
+    deltas = all_deltas()
     try:
-        async for delta in all_deltas():
+        async for delta in deltas:
             wants_ids = bool(delta.token_ids) and shape.prompt_token_ids is not None
             if delta.text or delta.finish_reason is not None or is_first or wants_ids:
                 choice = shape.chunk_choice(delta, is_first)
@@ -338,5 +361,6 @@ async def _sse(
         if include_usage:
             yield event(shape.envelope([], _usage_json(usage), stream=True))
     finally:
+        await deltas.aclose()  # closes ``rest``: the worker calls end with the stream
         trace.end()  # also when the client hangs up (the generator is closed)
     yield "data: [DONE]\n\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.model_id = model_id
         self.fail_with = fail_with
         self.requests: list[pb.WorkerGenerateRequest] = []
+        self.token_delay_s = 0.0  # before each decoded token
+        self.cancelled = 0  # streams the router cancelled
+        self.finished = 0  # streams that sent their last token
 
     async def Generate(
         self, request: pb.WorkerGenerateRequest, context: grpc.aio.ServicerContext
@@ -43,13 +47,21 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             yield pb.WorkerGenerateResponse(kv_handle=handle, token_ids=[1])
             return
         count = min(request.sampling.max_tokens, len(WORDS))
-        for i in range(count):
-            msg = pb.WorkerGenerateResponse(text=WORDS[i], token_ids=[100 + i])
-            if i == count - 1:
-                finish = cpb.FINISH_REASON_LENGTH if count < len(WORDS) else cpb.FINISH_REASON_STOP
-                msg.finish_reason = finish
-                msg.usage.CopyFrom(cpb.Usage(prompt_tokens=n, completion_tokens=count))
-            yield msg
+        try:
+            for i in range(count):
+                await asyncio.sleep(self.token_delay_s)
+                msg = pb.WorkerGenerateResponse(text=WORDS[i], token_ids=[100 + i])
+                if i == count - 1:
+                    finish = (
+                        cpb.FINISH_REASON_LENGTH if count < len(WORDS) else cpb.FINISH_REASON_STOP
+                    )
+                    msg.finish_reason = finish
+                    msg.usage.CopyFrom(cpb.Usage(prompt_tokens=n, completion_tokens=count))
+                    self.finished += 1
+                yield msg
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import httpx
 import pytest
+import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.models import resolve_model
@@ -176,3 +179,47 @@ async def test_failed_prefill_falls_back_to_colocated(setup: Setup) -> None:
     assert setup.decode.requests[0].request_id.endswith("-colocated")
     metrics = (await setup.client.get("/metrics")).text
     assert 'pdserve_router_routing_decisions_total{mode="fallback_colocated"} 1.0' in metrics
+
+
+async def test_a_client_hang_up_cancels_the_worker_call_at_once(
+    tokenizer: PromptTokenizer,
+) -> None:
+    """Over a real socket: the worker's stream is cancelled when the client hangs up, not
+    when the garbage collector reaches the abandoned response (or never, if the request
+    finishes first)."""
+    prefill, decode = FakeWorker(pb.ROLE_PREFILL, MODEL), FakeWorker(pb.ROLE_DECODE, MODEL)
+    decode.token_delay_s = 1.0  # 7 tokens: the stream would run for 7 s
+    async with fake_router(prefill, decode, MODEL) as router:
+        app = build_http_app(
+            router.service, tokenizer, router.metrics.registry, router.planner.can_serve, 1024
+        )
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            for _ in range(1000):
+                if server.started:
+                    break
+                await asyncio.sleep(0.01)
+            body = {"model": MODEL, "prompt": "The quick brown fox", "stream": True}
+            base = f"http://127.0.0.1:{port}"
+            async with (
+                httpx.AsyncClient(base_url=base) as client,
+                client.stream("POST", "/v1/completions", json=body) as r,
+            ):
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # hang up after the first event
+            for _ in range(300):  # the worker must see it long before its 7 s are over
+                if decode.cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            assert (decode.cancelled, decode.finished) == (1, 0)
+            assert router.pool.workers[-1].in_flight == 0
+            assert router.service.admission.in_flight == 0
+        finally:
+            server.should_exit = True
+            await serving
