@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from pdserve.config import TlsConfig
 from pdserve.errors import KvIncompatibleError, KvTransferError
 from pdserve.kv_transfer.chunks import SliceAssembler, WireChunk, decode_chunk
 from pdserve.kv_transfer.grpc_server import CHANNEL_OPTIONS, SERVICE_NAME
+from pdserve.tls import handshake_problem, sync_channel
 from pdserve.v1 import kv_transfer_pb2 as pb
 from pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
 
@@ -70,9 +72,12 @@ class _Channel:
 class KvFetcher:
     """Channels to producer ranks (one per address, reused) and the fetch logic."""
 
-    def __init__(self, layout: ConsumerLayout, timeout_s: float) -> None:
+    def __init__(
+        self, layout: ConsumerLayout, timeout_s: float, tls: TlsConfig | None = None
+    ) -> None:
         self.layout = layout
         self.timeout_s = timeout_s
+        self.tls = tls
         self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
 
@@ -80,7 +85,7 @@ class KvFetcher:
         with self._lock:
             channel = self._channels.get(target)
             if channel is None:
-                channel = _Channel(grpc.insecure_channel(target, CHANNEL_OPTIONS))
+                channel = _Channel(sync_channel(target, self.tls, CHANNEL_OPTIONS))
                 self._channels[target] = channel
             return channel
 
@@ -111,9 +116,8 @@ class KvFetcher:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise KvIncompatibleError(e.details() or "KV layout mismatch") from e
-            raise KvTransferError(
-                f"KV fetch from {target} failed: {e.code().name}: {e.details()}"
-            ) from e
+            problem = handshake_problem(e, self.tls) or f"{e.code().name}: {e.details()}"
+            raise KvTransferError(f"KV fetch from {target} failed: {problem}") from e
         return assembler.complete_slices(), assembler.bytes_received
 
     def release(self, target: str, want: SliceRequest) -> bool:
@@ -133,14 +137,21 @@ class KvFetcher:
         return bool(reply.freed)
 
 
-def release_everything(host: str, port: int, ranks: int, request_id: str, timeout_s: float) -> int:
+def release_everything(
+    host: str,
+    port: int,
+    ranks: int,
+    request_id: str,
+    timeout_s: float,
+    tls: TlsConfig | None = None,
+) -> int:
     """Free a request's staged KV on every producer rank (a consumer that will not read it).
 
     Returns how many ranks freed a copy. Best effort: the lease backs it.
     """
     freed = 0
     for rank in range(ranks):
-        with grpc.insecure_channel(f"{host}:{port + rank}") as channel:
+        with sync_channel(f"{host}:{port + rank}", tls) as channel:
             try:
                 reply = pb_grpc.KvTransferStub(channel).Release(
                     pb.ReleaseRequest(request_id=request_id), timeout=timeout_s

@@ -19,6 +19,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pdserve import metrics as names
+from pdserve.config import TlsConfig
+from pdserve.tls import sync_channel
 from pdserve.v1 import kv_transfer_pb2 as pb
 from pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
 
@@ -105,10 +107,12 @@ def families(role: str, s: pb.KvTransferStats) -> list[Metric]:
 
 
 class KvTransferCollector(Collector):
-    def __init__(self, role: str, host: str, port: int, ranks: int) -> None:
+    def __init__(
+        self, role: str, host: str, port: int, ranks: int, tls: TlsConfig | None = None
+    ) -> None:
         self.role = role
         self._stubs = [
-            pb_grpc.KvTransferStub(grpc.insecure_channel(f"{host}:{port + rank}"))
+            pb_grpc.KvTransferStub(sync_channel(f"{host}:{port + rank}", tls))
             for rank in range(ranks)
         ]
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.config import TlsConfig
 from pdserve.kv_transfer.chunks import MESSAGE_LIMIT_BYTES, WireChunk, encode_chunk, slice_chunks
 from pdserve.kv_transfer.staging import StagedKv, Staging
 from pdserve.kv_transfer.stats import TransferStats
+from pdserve.tls import add_port
 from pdserve.v1 import kv_transfer_pb2 as pb
 from pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
 
@@ -177,6 +179,7 @@ class KvTransferServer:
         lease_s: float,
         layout: RankLayout,
         allow_faults: bool = False,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.port = port
         self.stats = TransferStats()
@@ -187,7 +190,7 @@ class KvTransferServer:
             options=CHANNEL_OPTIONS,
         )
         _add_service(self.service, self._server)
-        if self._server.add_insecure_port(f"{host}:{port}") == 0:
+        if add_port(self._server, f"{host}:{port}", tls) == 0:
             raise OSError(f"KV transfer server cannot bind {host}:{port}")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="kv-lease-reaper", daemon=True)

@@ -7,10 +7,11 @@ so every TP/PP shape pair is one mechanism (no shape is refused up front).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from pdserve.config import Role
+from pdserve.config import Role, TlsConfig
 from pdserve.errors import KvTransferError
 from pdserve.kv_transfer.base import KvHandle, KvTransport
 from pdserve.kv_transfer.chunks import DEFAULT_CHUNK_BYTES
@@ -29,11 +30,13 @@ class GrpcTransport(KvTransport):
         host: str = "127.0.0.1",
         port: int = 5600,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        tls: TlsConfig | None = None,
     ) -> None:
         super().__init__(lease_s)
         self.host = host
         self.port = port
         self.chunk_bytes = chunk_bytes
+        self.tls = tls
 
     def engine_kv_config(self, role: Role, worker_id: str) -> dict[str, Any]:
         return {
@@ -47,6 +50,8 @@ class GrpcTransport(KvTransport):
                 "port": self.port,
                 "lease_s": self.lease_s,
                 "chunk_bytes": self.chunk_bytes,
+                # Paths, read by the engine ranks (ConnectorSettings.from_extra).
+                "tls": dataclasses.asdict(self.tls) if self.tls else None,
             },
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pdserve.config import TlsConfig
 from pdserve.errors import KvTransferError
 from pdserve.kv_transfer.base import KvTransport
 from pdserve.kv_transfer.grpc_transport import GrpcTransport
@@ -9,11 +10,16 @@ from pdserve.kv_transfer.nixl import NixlTransport
 
 
 def transport_for(
-    name: str, lease_s: float, host: str = "127.0.0.1", port: int = 5600
+    name: str,
+    lease_s: float,
+    host: str = "127.0.0.1",
+    port: int = 5600,
+    tls: TlsConfig | None = None,
 ) -> KvTransport:
-    """``host``/``port``: the worker's KV address (grpc: ranks serve on port + rank)."""
+    """``host``/``port``: the worker's KV address (grpc: ranks serve on port + rank).
+    ``tls``: mutual TLS between the workers' KV endpoints (grpc only; NIXL has none)."""
     if name == NixlTransport.name:
         return NixlTransport(lease_s)
     if name == GrpcTransport.name:
-        return GrpcTransport(lease_s, host=host, port=port)
+        return GrpcTransport(lease_s, host=host, port=port, tls=tls)
     raise KvTransferError(f"unknown KV transport {name!r}; available: nixl, grpc")

@@ -39,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from pdserve.config import TlsConfig
 from pdserve.kv_transfer.chunks import DEFAULT_CHUNK_BYTES
 from pdserve.kv_transfer.grpc_client import (
     ConsumerLayout,
@@ -94,15 +95,18 @@ class ConnectorSettings:
     lease_s: float
     chunk_bytes: int
     fetch_timeout_s: float
+    tls: TlsConfig | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorSettings:
+        tls = extra.get("tls")
         return cls(
             host=str(extra.get("host", "127.0.0.1")),
             port=int(extra.get("port", 5600)),
             lease_s=float(extra.get("lease_s", 30.0)),
             chunk_bytes=int(extra.get("chunk_bytes", DEFAULT_CHUNK_BYTES)),
             fetch_timeout_s=float(extra.get("fetch_timeout_s", 30.0)),
+            tls=TlsConfig(**tls) if tls else None,
         )
 
 
@@ -162,7 +166,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
             return  # unusable parameters: the producer's lease frees the copy
         threading.Thread(
             target=release_everything,
-            args=(*target, ranks, request_id, self.settings.fetch_timeout_s),
+            args=(*target, ranks, request_id, self.settings.fetch_timeout_s, self.settings.tls),
             name="kv-release",
             daemon=True,
         ).start()
@@ -259,10 +263,13 @@ class GrpcKvConnector(KVConnectorBase_V1):
             self.settings.lease_s,
             RankLayout(str(dtype).removeprefix("torch."), self.block_size, head_size),
             allow_faults=os.environ.get(FAULT_INJECTION_ENV) == "1",
+            tls=self.settings.tls,
         )
         self._server.start()
         self._fetcher = KvFetcher(
-            ConsumerLayout(dtype, self.block_size, head_size), self.settings.fetch_timeout_s
+            ConsumerLayout(dtype, self.block_size, head_size),
+            self.settings.fetch_timeout_s,
+            self.settings.tls,
         )
         log.info(
             "KV transfer rank %d serving on %s:%d: layers %s, heads %d..%d, cache %s",

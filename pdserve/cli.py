@@ -25,6 +25,7 @@ from pdserve.config import (
     Role,
     RouterConfig,
     SchedulingConfig,
+    TlsConfig,
     TracingConfig,
     WorkerConfig,
 )
@@ -66,6 +67,18 @@ DisaggregationOption = Annotated[
     str | None,
     typer.Option(help="always | never | auto (per request, by the transfer-cost model)"),
 ]
+# Mutual TLS on the internal links (router <-> workers, worker <-> worker KV over gRPC).
+TlsCertOption = Annotated[
+    str | None, typer.Option(help="mTLS: this process's certificate (PEM); with --tls-key/-ca")
+]
+TlsKeyOption = Annotated[str | None, typer.Option(help="mTLS: the certificate's private key")]
+TlsCaOption = Annotated[
+    str | None, typer.Option(help="mTLS: CA bundle that peers' certificates must chain to")
+]
+TlsServerNameOption = Annotated[
+    str | None,
+    typer.Option(help="mTLS: name expected in workers' certificates (default: the host dialled)"),
+]
 
 
 def _setup_logging(level: str, log_format: str | None = None) -> None:
@@ -82,6 +95,21 @@ def _tracing_config(otlp_endpoint: str | None) -> TracingConfig:
         return TracingConfig.from_env(os.environ, otlp_endpoint)
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint="--otlp-endpoint / OTEL_*") from e
+
+
+def _tls_config(
+    cert: str | None, key: str | None, ca: str | None, server_name: str | None
+) -> TlsConfig | None:
+    """The mTLS flags, with the files read now: a bad path fails before any engine starts."""
+    from pdserve.tls import TlsMaterial
+
+    try:
+        tls = TlsConfig.from_paths(cert, key, ca, server_name)
+        if tls is not None:
+            TlsMaterial.load(tls)
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint="--tls-*") from e
+    return tls
 
 
 def _model_name(path: Path, served: str | None) -> str:
@@ -184,6 +212,14 @@ def worker(
     log_level: str = "info",
     log_format: LogFormatOption = None,
     otlp_endpoint: OtlpEndpointOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_server_name: TlsServerNameOption = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(help="also serve only grpc.health.v1 here, in plaintext (probes with mTLS)"),
+    ] = None,
 ) -> None:
     """Run one worker: a vLLM engine behind the internal gRPC Worker API."""
     from pdserve.config import KvTransport
@@ -191,6 +227,7 @@ def worker(
     from pdserve.worker.server import serve
 
     _setup_logging(log_level, log_format)
+    tls = _tls_config(tls_cert, tls_key, tls_ca, tls_server_name)
     path = resolve_model(model)
     config = WorkerConfig(
         role=role,
@@ -214,6 +251,8 @@ def worker(
         cpu_bind=cpu_bind,
         tracing=_tracing_config(otlp_endpoint),
         kv_events_port=kv_events_port,
+        tls=tls,
+        health_port=health_port,
     )
     asyncio.run(serve(config))
 
@@ -357,6 +396,10 @@ def router(
     breaker_cooldown: Annotated[
         float, typer.Option(help="seconds an open circuit waits for its probe", min=0)
     ] = HealthConfig.cooldown_s,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_server_name: TlsServerNameOption = None,
 ) -> None:
     """Run the router: OpenAI-compatible HTTP API and gRPC API in front of the workers."""
     from pdserve.models import resolve_model
@@ -392,6 +435,7 @@ def router(
             max_in_flight=max_in_flight, max_queue=max_queue, queue_timeout_s=queue_timeout
         ),
         auth=AuthConfig(api_keys=_api_keys(api_key), rate_limit_rps=rate_limit_rps),
+        tls=_tls_config(tls_cert, tls_key, tls_ca, tls_server_name),
     )
     asyncio.run(serve(config))
 

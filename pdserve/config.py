@@ -71,6 +71,38 @@ class TracingConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS on the internal gRPC links (router -> worker, worker -> worker KV): each
+    side presents ``cert``/``key`` and accepts only peers whose certificate chains to
+    ``ca`` (pdserve/tls.py). ``server_name``: the name to check in a server's certificate
+    when it is not the host dialled (Kubernetes dials pods by IP)."""
+
+    cert: str
+    key: str
+    ca: str
+    server_name: str | None = None
+
+    @classmethod
+    def from_paths(
+        cls,
+        cert: str | None,
+        key: str | None,
+        ca: str | None,
+        server_name: str | None = None,
+    ) -> TlsConfig | None:
+        """None when no path is given; all three or none."""
+        given = {"--tls-cert": cert, "--tls-key": key, "--tls-ca": ca}
+        if not any(given.values()):
+            if server_name:
+                raise ConfigError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
+            return None
+        if cert and key and ca:
+            return cls(cert, key, ca, server_name or None)
+        missing = ", ".join(flag for flag, value in given.items() if not value)
+        raise ConfigError(f"mutual TLS needs {', '.join(given)}; missing {missing}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What a worker hands to its vLLM engine."""
 
@@ -111,6 +143,10 @@ class WorkerConfig:
     # (ROUTER) on the next one. None: no events.
     kv_events_port: int | None = None
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    # Mutual TLS for the Worker API and the gRPC KV transport; None: plaintext.
+    tls: TlsConfig | None = None
+    # A plaintext port serving only grpc.health.v1 (kubelet gRPC probes cannot do mTLS).
+    health_port: int | None = None
 
 
 class DiscoveryMode(enum.StrEnum):
@@ -366,6 +402,8 @@ class RouterConfig:
     # Completed request timelines kept for `pdserve inspect` (0: none unless tracing is on,
     # then DEFAULT_TIMELINE_RING).
     timeline_ring: int = 0
+    # Mutual TLS towards the workers; None: plaintext.
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ async def serve(config: RouterConfig) -> None:
         config.worker_rpc_timeout_s,
         config.poll_interval_s,
         health=config.health,
+        tls=config.tls,
     )
     discovery = _discovery(config)
     routing = Routing(config.scheduling, pool, metrics.routing_ctx, config.served_model_name)

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.config import HealthConfig, Role
+from pdserve.config import HealthConfig, Role, TlsConfig
 from pdserve.grpc_options import CHANNEL_OPTIONS
 from pdserve.router.health import CircuitBreaker
+from pdserve.tls import aio_channel, handshake_problem
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.v1 import worker_pb2_grpc
 
@@ -44,8 +45,8 @@ class WorkerClient:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     @classmethod
-    def connect(cls, address: str, role: Role) -> WorkerClient:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def connect(cls, address: str, role: Role, tls: TlsConfig | None = None) -> WorkerClient:
+        channel = aio_channel(address, tls, CHANNEL_OPTIONS)
         return cls(address, role, channel, worker_pb2_grpc.WorkerStub(channel))
 
     @property
@@ -68,8 +69,10 @@ class WorkerPool:
         poll_interval_s: float,
         unhealthy_after_failed_polls: int = 3,
         health: HealthConfig | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.health = health or HealthConfig()
+        self.tls = tls
         self.model_id = model_id
         # One slow poll on a busy machine is not an outage: only consecutive misses count.
         self.unhealthy_after_failed_polls = unhealthy_after_failed_polls
@@ -81,7 +84,7 @@ class WorkerPool:
 
     def add(self, addresses: Iterable[str], role: Role) -> None:
         for address in addresses:
-            client = WorkerClient.connect(address, role)
+            client = WorkerClient.connect(address, role, self.tls)
             client.breaker = CircuitBreaker(self.health, name=address)
             self.workers.append(client)
 
@@ -135,6 +138,9 @@ class WorkerPool:
         except grpc.aio.AioRpcError as e:
             worker.breaker.record_failure(f"health check: {e.code().name}")
             worker.failed_polls += 1
+            problem = handshake_problem(e, self.tls)
+            if problem and worker.failed_polls == 1:
+                log.error("worker %s: %s", worker.address, problem)
             if worker.failed_polls < self.unhealthy_after_failed_polls:
                 return
             if worker.healthy:

@@ -182,8 +182,10 @@ def test_ports_and_probes_are_wired(profile: str) -> None:
         grpc_port = int(wargs["--port"][0])
         assert wargs["--role"] == [role] and wargs["--host"] == ["$(POD_IP)"]
         assert {p["name"]: p["containerPort"] for p in worker["ports"]}["grpc"] == grpc_port
+        # With mTLS the probes use the plaintext health-only port instead.
+        probe_port = int(wargs.get("--health-port", [grpc_port])[0])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert worker[probe]["grpc"] == {"port": grpc_port}, probe
+            assert worker[probe]["grpc"] == {"port": probe_port}, probe
         sleep = int(worker["lifecycle"]["preStop"]["exec"]["command"][1])
         grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace >= sleep + 30, "grace must cover preStop and the worker's 30 s drain"
@@ -295,6 +297,29 @@ def test_tls_secret_is_mounted_everywhere() -> None:
         mounts = {m["name"]: m for m in container(doc)["volumeMounts"]}
         assert mounts["tls"]["readOnly"] is True
     assert all("tls" not in str(d) for d in manifests("default") if d["kind"] in WORKLOAD_KINDS)
+
+
+def test_tls_files_reach_the_processes_and_probes_use_the_health_port() -> None:
+    """With tls.enabled every pdserve process gets the mounted files as --tls-* flags, and
+    worker probes move to the plaintext health-only port (the kubelet has no client cert)."""
+    for doc in manifests("tls"):
+        if doc["kind"] not in WORKLOAD_KINDS:
+            continue
+        c = container(doc)
+        f = flags(c)
+        assert f["--tls-cert"] == ["/etc/pdserve/tls/tls.crt"]
+        assert f["--tls-key"] == ["/etc/pdserve/tls/tls.key"]
+        assert f["--tls-ca"] == ["/etc/pdserve/tls/ca.crt"]
+        assert f["--tls-server-name"] == ["pdserve-workers.llm.svc"]
+        if c["args"][0] == "worker":
+            (health_port,) = f["--health-port"]
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert ports["health"] == int(health_port) != ports["grpc"]
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["grpc"]["port"] == ports["health"]
+    for doc in manifests("default"):
+        if doc["kind"] in WORKLOAD_KINDS:
+            assert not any(a.startswith(("--tls", "--health-port")) for a in container(doc)["args"])
 
 
 def test_monitoring_and_policy_can_be_turned_off() -> None:

@@ -104,6 +104,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end -}}
 
+{{/* --tls-* flags for the router and workers: the mounted Secret's files. */}}
+{{- define "pdserve.tlsArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert={{ .Values.tls.mountPath }}/tls.crt
+- --tls-key={{ .Values.tls.mountPath }}/tls.key
+- --tls-ca={{ .Values.tls.mountPath }}/ca.crt
+{{- with .Values.tls.serverName }}
+- --tls-server-name={{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Environment every pdserve container gets. */}}
 {{- define "pdserve.commonEnv" -}}
 - name: POD_NAME

@@ -28,6 +28,7 @@
 - --grpc-host=0.0.0.0
 - --grpc-port={{ $r.grpcPort }}
 - --log-level={{ $r.logLevel }}
+{{- include "pdserve.tlsArgs" . }}
 {{- range $r.extraArgs }}
 - {{ . | quote }}
 {{- end }}

@@ -27,6 +27,10 @@ so both pools share one definition and differ only in their values.
 - --max-model-len={{ $root.Values.model.maxModelLen }}
 - --dtype={{ $root.Values.model.dtype }}
 - --log-level={{ $w.logLevel }}
+{{- include "pdserve.tlsArgs" $root }}
+{{- if $root.Values.tls.enabled }}
+- --health-port={{ $w.healthPort }}
+{{- end }}
 {{- range $pool.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -121,22 +125,30 @@ spec:
             - name: kv
               containerPort: {{ $w.kvPort }}
               protocol: TCP
+            {{- if $root.Values.tls.enabled }}
+            - name: health
+              containerPort: {{ $w.healthPort }}
+              protocol: TCP
+            {{- end }}
+          {{- /* With mTLS the Worker API port wants a client certificate the kubelet
+                 lacks: probe the plaintext health-only port, which mirrors its status. */}}
+          {{- $probePort := ternary $w.healthPort $w.grpcPort $root.Values.tls.enabled }}
           # The gRPC server opens only after the engine has loaded, and the standard
           # grpc.health.v1 service turns NOT_SERVING when the worker starts draining.
           startupProbe:
             grpc:
-              port: {{ $w.grpcPort }}
+              port: {{ $probePort }}
             periodSeconds: {{ $w.startupProbe.periodSeconds }}
             failureThreshold: {{ $w.startupProbe.failureThreshold }}
           readinessProbe:
             grpc:
-              port: {{ $w.grpcPort }}
+              port: {{ $probePort }}
             periodSeconds: 5
             timeoutSeconds: 3
             failureThreshold: 2
           livenessProbe:
             grpc:
-              port: {{ $w.grpcPort }}
+              port: {{ $probePort }}
             periodSeconds: 10
             timeoutSeconds: 5
             failureThreshold: 6
