@@ -261,7 +261,17 @@ class GenerationService:
         (the worker then aborts the request and frees its KV blocks). The call is a client
         span of ``trace``, propagated to the worker as ``traceparent``."""
         span = WorkerCallSpan.start(trace, worker, request.stage)
-        call = worker.stub.Generate(request, metadata=span.metadata())
+        try:
+            call = worker.stub.Generate(request, metadata=span.metadata())
+        except grpc.aio.UsageError as e:
+            # The pool closed the channel after this request was planned: the worker left
+            # (scale-in, deregistration). Not its failure; another worker can take it.
+            span.fail(e)
+            span.end()
+            error = NoCapacityError(f"worker {worker.name} left the pool; retry the request")
+            raise WorkerFailure(
+                worker, _stage_name(request), error, unreachable=False, refused=True
+            ) from e
         # A hung worker answers nothing: its circuit breaker opening ends the call.
         trip = worker.breaker.watch(call.cancel)
         try:

@@ -85,6 +85,7 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         prompt = list(request.prompt_token_ids)
         if request.stage == pb.STAGE_PREFILL:
+            await asyncio.sleep(self.token_delay_s)  # the prefill's one token
             handle = pb.KvHandle(
                 transport="nixl", model_id=self.model_id, num_prompt_tokens=len(prompt)
             )

@@ -310,3 +310,26 @@ async def test_client_cancellation_is_not_a_worker_failure(make_cluster: MakeClu
     assert len(c.decode[0].requests) == 1  # and nothing was retried
     assert c.pool.workers[0].breaker.state is BreakerState.CLOSED
     assert c.pool.workers[0].in_flight == 0 and c.service.admission.in_flight == 0
+
+
+async def test_a_decode_worker_that_leaves_after_planning_is_not_an_error(
+    make_cluster: MakeCluster,
+) -> None:
+    """Scale-in race: the request was planned onto a decode worker that left the pool (its
+    channel closed) while the prefill ran; the decode goes to the other worker."""
+    c = await make_cluster(1, 2)
+    c.prefill[0].token_delay_s = 0.3
+    task = asyncio.create_task(collect(c.service, call(4)))
+    planned = None
+    for _ in range(200):
+        planned = next((w for w in c.pool.workers if w.role is Role.DECODE and w.in_flight), None)
+        if planned is not None:
+            break
+        await asyncio.sleep(0.005)
+    assert planned is not None and c.prefill[0].in_flight == 1  # still prefilling
+    c.pool.remove(planned.address, Role.DECODE)
+    check_complete(await task, 4)
+    served = [len(w.requests) for w in c.decode]
+    assert sorted(served) == [0, 1]  # nothing reached the worker that left
+    labels = {"stage": "decode", "target": "other_worker"}
+    assert sample(c.metrics, "pdserve_router_retries_total", **labels) == 1
