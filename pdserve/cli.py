@@ -375,6 +375,13 @@ def router(
     rate_limit_rps: Annotated[
         float, typer.Option(help="requests/s per API key (0: no limit)", min=0)
     ] = 0.0,
+    tenant_isolation: Annotated[
+        bool,
+        typer.Option(
+            help="separate prefix caches per tenant (API key; without keys the "
+            "x-pdserve-tenant header), so no tenant can probe another's prompts by timing"
+        ),
+    ] = AuthConfig.tenant_isolation,
     max_in_flight: Annotated[
         int, typer.Option(help="requests served at once (0: no limit)", min=0)
     ] = AdmissionConfig.max_in_flight,
@@ -434,7 +441,11 @@ def router(
         admission=AdmissionConfig(
             max_in_flight=max_in_flight, max_queue=max_queue, queue_timeout_s=queue_timeout
         ),
-        auth=AuthConfig(api_keys=_api_keys(api_key), rate_limit_rps=rate_limit_rps),
+        auth=AuthConfig(
+            api_keys=_api_keys(api_key),
+            rate_limit_rps=rate_limit_rps,
+            tenant_isolation=tenant_isolation,
+        ),
         tls=_tls_config(tls_cert, tls_key, tls_ca, tls_server_name),
     )
     asyncio.run(serve(config))

@@ -285,6 +285,9 @@ class AuthConfig:
     # Requests per second per API key (token bucket); 0: no rate limit.
     rate_limit_rps: float = 0.0
     rate_limit_burst: int = 10
+    # Per-tenant prefix-cache isolation (router/tenancy.py): tenants are API keys, or the
+    # x-pdserve-tenant header when there are no keys.
+    tenant_isolation: bool = False
 
 
 @dataclass(frozen=True)

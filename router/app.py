@@ -25,6 +25,7 @@ from pdserve.router.grpc_guard import router_interceptors
 from pdserve.router.planner import Planner
 from pdserve.router.routing import Routing
 from pdserve.router.service import GenerationService
+from pdserve.router.tenancy import CacheSalter
 from pdserve.router.timeline import DEFAULT_TIMELINE_RING, TimelineRing
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.router.workers import WorkerPool
@@ -113,6 +114,7 @@ async def serve(config: RouterConfig) -> None:
         retry=config.retry,
         admission=config.admission,
         decoder=tokenizer,
+        tenancy=CacheSalter(config.auth.tenant_isolation, by_api_key=bool(config.auth.api_keys)),
     )
 
     keys = ApiKeys(config.auth, metrics)

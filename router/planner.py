@@ -130,11 +130,13 @@ class Planner:
         exclude: Collection[str] = (),
         colocated: bool = False,
         session_key: str | None = None,
+        cache_salt: str | None = None,
     ) -> Plan:
         """``exclude``: worker addresses not to use (a retry after they failed);
         ``colocated``: one worker only (a migrated stream, the last-resort fallback);
-        ``session_key``: for session affinity."""
-        request = SchedulingRequest(prompt_token_ids, session_key)
+        ``session_key``: for session affinity; ``cache_salt``: the tenant's prefix-cache
+        salt (prefix scores then count only that tenant's cached blocks)."""
+        request = SchedulingRequest(prompt_token_ids, session_key, cache_salt=cache_salt)
         # The healthy and role filters, in one pass over the pool (its notion of healthy
         # includes circuit breakers); the policies' own filters run on what is left.
         by_role: dict[Role, list[WorkerClient]] = {role: [] for role in Role}

@@ -109,7 +109,7 @@ class Failover:
         if state.retries < self.config.budget:
             state.retries += 1
             await asyncio.sleep(self.backoff.wait_s(state.retries))
-            plan = self._plan(call.prompt_token_ids, state)
+            plan = self._plan(call.prompt_token_ids, state, cache_salt=call.cache_salt)
             # Only colocated is left: that is the last resort below.
             if plan is not None and plan.mode is failed.plan.mode:
                 self.metrics.retries.labels(failure.stage, TARGET_OTHER).inc()
@@ -125,7 +125,7 @@ class Failover:
                 retry_call = dataclasses.replace(call, request_id=f"{request_id}-r{state.retries}")
                 return Attempt(plan, retry_call)
         if failed.plan.mode is Mode.DISAGGREGATED and not failed.last_resort:
-            plan = self._plan(call.prompt_token_ids, state, colocated=True)
+            plan = self._plan(call.prompt_token_ids, state, True, call.cache_salt)
             if plan is None:
                 raise failure.error from failure
             self.metrics.retries.labels(failure.stage, TARGET_COLOCATED).inc()
@@ -142,11 +142,20 @@ class Failover:
         raise failure.error from failure
 
     def _plan(
-        self, prompt_token_ids: Sequence[int], state: FailoverState, colocated: bool = False
+        self,
+        prompt_token_ids: Sequence[int],
+        state: FailoverState,
+        colocated: bool = False,
+        cache_salt: str | None = None,
     ) -> Plan | None:
         """A plan on workers that have not failed this request; None: none is left."""
         try:
-            return self.planner.plan(prompt_token_ids, exclude=state.excluded, colocated=colocated)
+            return self.planner.plan(
+                prompt_token_ids,
+                exclude=state.excluded,
+                colocated=colocated,
+                cache_salt=cache_salt,
+            )
         except NoCapacityError:
             return None
 
@@ -172,7 +181,7 @@ class Failover:
         if state.migrations >= self.config.max_migrations:
             self.metrics.migrations.labels("refused").inc()
             raise failure.error from failure
-        plan = self._plan(original.prompt_token_ids, state, colocated=True)
+        plan = self._plan(original.prompt_token_ids, state, True, original.cache_salt)
         if plan is None:
             self.metrics.migrations.labels("no_worker").inc()
             raise failure.error from failure

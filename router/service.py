@@ -34,6 +34,7 @@ from pdserve.router.migration import TextDecoder
 from pdserve.router.planner import Mode, Plan, Planner
 from pdserve.router.request_trace import WorkerCallSpan, plan_attributes
 from pdserve.router.retry import Attempt, Failover, FailoverState, WorkerFailure
+from pdserve.router.tenancy import CacheSalter
 from pdserve.router.workers import WorkerClient, WorkerPool
 from pdserve.sampling import FINISH_REASON_NAMES
 from pdserve.tracing import EVENT_FALLBACK, NO_TRACE, RequestTrace, wall_ns_from_monotonic
@@ -54,6 +55,7 @@ class GenerateCall:
     arrival: float  # time.monotonic() when the request arrived
     trace: RequestTrace = NO_TRACE  # the request's root span in this router
     session_key: str | None = None  # session affinity: a header or the OpenAI user field
+    cache_salt: str | None = None  # the tenant's prefix-cache salt (router/tenancy.py)
 
 
 @dataclass
@@ -77,8 +79,11 @@ class GenerationService:
         retry: RetryConfig | None = None,
         admission: AdmissionConfig | None = None,
         decoder: TextDecoder | None = None,
+        tenancy: CacheSalter | None = None,
     ) -> None:
         self.model_id = model_id
+        # Per-tenant prefix-cache salts; off unless configured.
+        self.tenancy = tenancy or CacheSalter(enabled=False, by_api_key=False)
         self.pool = pool
         self.planner = planner
         self.metrics = metrics
@@ -134,7 +139,9 @@ class GenerationService:
 
     async def _generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
         with call.trace.span("schedule") as span:
-            plan = self.planner.plan(call.prompt_token_ids, session_key=call.session_key)
+            plan = self.planner.plan(
+                call.prompt_token_ids, session_key=call.session_key, cache_salt=call.cache_salt
+            )
             if span.is_recording():
                 span.set_attributes(plan_attributes(plan, self.planner))
         self.metrics.routing.labels(plan.mode.value).inc()
@@ -205,6 +212,7 @@ class GenerationService:
             prompt_token_ids=call.prompt_token_ids,
             sampling=call.sampling,
             stage=stage,
+            cache_salt=call.cache_salt or "",
         )
 
     async def _prefill(self, worker: WorkerClient, call: GenerateCall) -> pb.KvHandle:

@@ -136,10 +136,17 @@ class Engine:
         return int(self._llm.vllm_config.model_config.max_model_len)
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: Any,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[Any]:
-        """vLLM ``RequestOutput`` deltas. Cancelling the iteration aborts the request."""
-        prompt = {"prompt_token_ids": prompt_token_ids}
+        """vLLM ``RequestOutput`` deltas. Cancelling the iteration aborts the request.
+        ``cache_salt``: prefix-cache blocks are shared only with requests of the same salt."""
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
         result: AsyncIterator[Any] = self._llm.generate(prompt, sampling_params, request_id)
         return result
 

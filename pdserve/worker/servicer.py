@@ -209,7 +209,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         prompt = list(request.prompt_token_ids)
         completion_tokens = 0
-        outputs = self.engine.generate(request.request_id, prompt, params)
+        outputs = self.engine.generate(
+            request.request_id, prompt, params, request.cache_salt or None
+        )
         if request.stage == pb.STAGE_DECODE:
             outputs = _first_within(outputs, self.decode.kv_wait_s(request.kv_handle))
         async for out in outputs:

@@ -74,7 +74,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sampling.max_tokens = self.service.resolve_max_tokens(len(prompt_ids), requested)
             session = next((v for k, v in metadata if k == SESSION_HEADER), None)
             call = GenerateCall(
-                request_id, prompt_ids, sampling, time.monotonic(), trace, session_key=session
+                request_id,
+                prompt_ids,
+                sampling,
+                time.monotonic(),
+                trace,
+                session_key=session,
+                cache_salt=self.service.tenancy.salt_from_metadata(metadata),
             )
             async for delta in self.service.generate(call):
                 if delta.route:

@@ -17,6 +17,7 @@ from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.logs import request_id_from, set_request_context
 from pdserve.router.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from pdserve.router.service import Delta, GenerateCall, GenerationService
+from pdserve.router.tenancy import TENANT_HEADER
 from pdserve.router.timeline import TimelineRing
 from pdserve.router.tokenize import PromptTokenizer
 from pdserve.tracing import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, ATTR_STREAM, RequestTrace, Tracing
@@ -229,12 +230,24 @@ def build_http_app(
                     )
             session = request.headers.get(SESSION_HEADER)
             return await _serve(
-                body, prompt_ids, body.max_tokens, False, request_id, trace, session
+                body,
+                prompt_ids,
+                body.max_tokens,
+                False,
+                request_id,
+                trace,
+                session,
+                _cache_salt(request),
             )
         except BaseException as e:
             trace.fail(e)
             trace.end()
             raise
+
+    def _cache_salt(request: Request) -> str | None:
+        """The tenant's prefix-cache salt (router/tenancy.py); None: the shared cache."""
+        headers = request.headers
+        return service.tenancy.salt(headers.get("authorization"), headers.get(TENANT_HEADER))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -246,7 +259,16 @@ def build_http_app(
                 prompt_ids = tokenizer.encode_chat(body.message_dicts(), body.add_generation_prompt)
             max_tokens = body.effective_max_tokens()
             session = request.headers.get(SESSION_HEADER)
-            return await _serve(body, prompt_ids, max_tokens, True, request_id, trace, session)
+            return await _serve(
+                body,
+                prompt_ids,
+                max_tokens,
+                True,
+                request_id,
+                trace,
+                session,
+                _cache_salt(request),
+            )
         except BaseException as e:
             trace.fail(e)
             trace.end()
@@ -260,6 +282,7 @@ def build_http_app(
         request_id: str,
         trace: RequestTrace,
         session: str | None = None,
+        cache_salt: str | None = None,
     ) -> Response:
         """Ends ``trace`` when the response is complete (the stream's end, if streamed)."""
         max_tokens = service.resolve_max_tokens(len(prompt_ids), max_tokens)
@@ -272,6 +295,7 @@ def build_http_app(
             time.monotonic(),
             trace,
             session_key=session or body.user,
+            cache_salt=cache_salt,
         )
         shape = _Shape(
             chat, request_id, service.model_id, prompt_ids if body.return_token_ids else None

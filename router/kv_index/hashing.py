@@ -6,7 +6,9 @@ H(seed)``, and publishes the low 64 bits (big-endian) of each hash in its KV eve
 (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, on by default). ``sha256_cbor`` (CBOR, canonical)
 is reproducible in any process; workers run with it so the router can compute the same
 values from token ids. Text-only prompts without LoRA or cache salt have ``extra_keys``
-None. The seed is ``PYTHONHASHSEED`` when set, else vLLM's fixed default: router and
+None; a request's ``cache_salt`` (per-tenant isolation, router/tenancy.py) enters the
+first block only, as ``(("cache_salt", salt),)``, and reaches the rest through the chain.
+The seed is ``PYTHONHASHSEED`` when set, else vLLM's fixed default: router and
 workers must agree on it (the index checks first blocks against the engines' events).
 """
 
@@ -69,26 +71,31 @@ class BlockHasher:
         if seed is None:
             seed = os.environ.get("PYTHONHASHSEED", VLLM_NONE_HASH_SEED)
         self._none_hash = self._fn(seed)
-        # (parent digest, block tokens) -> (digest, published 64-bit hash)
-        self._cache: dict[tuple[bytes, tuple[int, ...]], tuple[bytes, int]] = {}
+        # (parent digest, block tokens, extra keys) -> (digest, published 64-bit hash)
+        self._cache: dict[tuple[bytes, tuple[int, ...], Any], tuple[bytes, int]] = {}
 
-    def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
-        """The published hash of every full block (a partial last block is not cached)."""
+    def block_hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        """The published hash of every full block (a partial last block is not cached).
+        ``cache_salt``: the request's salt (vLLM's ``cache_salt`` prompt field); prompts
+        with different salts share no block hash."""
         parent = self._none_hash
         out: list[int] = []
         bs = self.block_size
         cache = self._cache
+        extra: Any = (("cache_salt", cache_salt),) if cache_salt else None
         for start in range(0, len(token_ids) - bs + 1, bs):
             block = tuple(token_ids[start : start + bs])
-            found = cache.get((parent, block))
+            key = (parent, block, extra)
+            found = cache.get(key)
             if found is None:
-                digest = self._fn((parent, block, None))
+                digest = self._fn(key)
                 found = (digest, external_hash(digest))
                 if len(cache) >= CACHED_BLOCKS:
                     cache.clear()
-                cache[(parent, block)] = found
+                cache[key] = found
             parent = found[0]
             out.append(found[1])
+            extra = None  # vLLM salts the first block only
         return out
 
     def first_block_hash(self, token_ids: Sequence[int]) -> int:

@@ -15,17 +15,19 @@ APPROXIMATE_CAPACITY_BLOCKS = 4096
 
 
 class PromptBlocks:
-    """A prompt's block hashes, computed once per hasher and shared by every plugin."""
+    """A prompt's block hashes, computed once per hasher and shared by every plugin;
+    salted with the request's tenant salt, as the engines salt their cache."""
 
-    def __init__(self, token_ids: Sequence[int]) -> None:
+    def __init__(self, token_ids: Sequence[int], cache_salt: str | None = None) -> None:
         self.token_ids = token_ids
+        self.cache_salt = cache_salt
         self._hashes: dict[tuple[int, str], list[int]] = {}
 
     def hashes(self, hasher: BlockHasher) -> list[int]:
         key = (hasher.block_size, hasher.algorithm)
         found = self._hashes.get(key)
         if found is None:
-            found = self._hashes[key] = hasher.block_hashes(self.token_ids)
+            found = self._hashes[key] = hasher.block_hashes(self.token_ids, self.cache_salt)
         return found
 
 

@@ -19,15 +19,19 @@ class SchedulingRequest:
     session_key: str | None = None
     roles: tuple[Role, ...] = (Role.DECODE,)
     peer: WorkerClient | None = None
+    # The tenant's prefix-cache salt (router/tenancy.py); None: the shared cache.
+    cache_salt: str | None = None
     blocks: PromptBlocks = field(init=False)
     _matches: dict[int, dict[str, int]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        self.blocks = PromptBlocks(self.prompt_token_ids)
+        self.blocks = PromptBlocks(self.prompt_token_ids, self.cache_salt)
 
     def for_stage(self, roles: tuple[Role, ...], peer: WorkerClient | None) -> SchedulingRequest:
         """The same request (and its cached hashes) for a pick in another pool."""
-        other = SchedulingRequest(self.prompt_token_ids, self.session_key, roles, peer)
+        other = SchedulingRequest(
+            self.prompt_token_ids, self.session_key, roles, peer, self.cache_salt
+        )
         other.blocks = self.blocks
         other._matches = self._matches
         return other

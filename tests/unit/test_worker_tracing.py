@@ -75,8 +75,12 @@ class FakeEngine:
 
     kv_never_arrives: bool = False  # decode requests wait forever (a stuck NIXL transfer)
     aborted: list[str] = field(default_factory=list)
+    salts: list[str | None] = field(default_factory=list)  # each request's cache_salt
 
-    async def generate(self, request_id: str, prompt: list[int], params: Any) -> AsyncIterator[Any]:
+    async def generate(
+        self, request_id: str, prompt: list[int], params: Any, cache_salt: str | None = None
+    ) -> AsyncIterator[Any]:
+        self.salts.append(cache_salt)
         kv = (params.extra_args or {}).get("kv_transfer_params") or {}
         if self.kv_never_arrives and kv.get("do_remote_prefill"):
             try:
