@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/pdserve/v1/*.proto)
 GEN    := pdserve/v1/.generated
 UP_ARGS ?= --model default --prefill 1 --decode 1
 
-.PHONY: install proto up test test-tracing test-routing test-topology test-chaos lint typecheck unit e2e clean
+.PHONY: install proto up test test-tracing test-routing test-topology test-chaos test-soak lint typecheck unit e2e clean
 
 install: $(STAMP) $(GEN)
 
@@ -65,6 +65,11 @@ test: lint typecheck
 # about 2 min); with vLLM engines it takes about 5-6 min on 2 cores: `make test-chaos`.
 test-chaos: install
 	$(BIN)/pytest -q -ra -s tests/chaos
+
+# The soak test for 10 minutes (`make test` runs it for 40 s) and the OpenAPI fuzzing with
+# more examples; a real router process with toy workers, no engines.
+test-soak: install
+	PDSERVE_SOAK_S=600 PDSERVE_FUZZ_EXAMPLES=200 $(BIN)/pytest -q -ra -s tests/soak
 
 test-scaling: install
 	$(BIN)/pytest -q -ra tests/e2e/scaling

@@ -16,9 +16,16 @@ from tests.unit.fake_lm import ToyWorker, serve_toy_at
 ROLES = {"prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE, "both": pb.ROLE_BOTH}
 
 
-async def main(role: str, port: int, model: str, worker_id: str, drain_timeout_s: float) -> None:
+async def main(
+    role: str,
+    port: int,
+    model: str,
+    worker_id: str,
+    drain_timeout_s: float,
+    token_delay_s: float = 0.02,
+) -> None:
     worker = ToyWorker(ROLES[role], model, worker_id, max_model_len=MAX_MODEL_LEN)
-    worker.token_delay_s = 0.02  # streams of ~50 tokens last about a second
+    worker.token_delay_s = token_delay_s  # 0.02: streams of ~50 tokens last about a second
     server = await serve_toy_at(worker, f"127.0.0.1:{port}")
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -36,7 +43,15 @@ if __name__ == "__main__":
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--drain-timeout-s", type=float, default=30.0)
+    parser.add_argument("--token-delay-s", type=float, default=0.02)
     args = parser.parse_args()
     asyncio.run(
-        main(args.role, args.port, args.served_model_name, args.worker_id, args.drain_timeout_s)
+        main(
+            args.role,
+            args.port,
+            args.served_model_name,
+            args.worker_id,
+            args.drain_timeout_s,
+            args.token_delay_s,
+        )
     )
