@@ -65,7 +65,7 @@ def main() -> None:
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds since the router received the request")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="lower right", fontsize=8)
+    ax.legend(handles, list(COLORS), loc="center right", fontsize=8)
     root = rows[0][1]
     ax.set_title(
         f"one request, one trace ({root['trace_id'][:16]}...): router -> prefill -> "
