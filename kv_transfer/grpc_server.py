@@ -187,7 +187,9 @@ class KvTransferServer:
         self.service = KvTransferService(self.staging, self.stats, layout, allow_faults)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-transfer"),
-            options=CHANNEL_OPTIONS,
+            # No SO_REUSEPORT: a second process on this port must fail to bind, not get
+            # a share of the connections (seen: a plaintext server beside an mTLS one).
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
         )
         _add_service(self.service, self._server)
         if add_port(self._server, f"{host}:{port}", tls) == 0:

@@ -33,7 +33,7 @@ async def _serve_health_only(
     present a client certificate); it shows the same status as the Worker API's port."""
     if config.health_port is None:
         return None
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
         raise OSError(f"worker cannot bind its health port {config.host}:{config.health_port}")

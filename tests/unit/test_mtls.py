@@ -292,3 +292,10 @@ async def test_health_only_port_mirrors_the_status_in_plaintext(ca: ThrowawayCa)
         await _serve_health_only(WorkerConfig(Role.DECODE, EngineConfig("m", "m"), "d"), health)
         is None
     )
+
+
+def test_a_second_kv_server_cannot_share_the_port(kv_server: KvTransferServer) -> None:
+    """No SO_REUSEPORT: another server (say a plaintext one) on an mTLS KV port fails to
+    bind instead of silently taking a share of the connections."""
+    with pytest.raises((RuntimeError, OSError)):
+        KvTransferServer("127.0.0.1", kv_server.port, 30.0, RankLayout("float32", BLOCK, HEAD))
