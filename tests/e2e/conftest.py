@@ -7,6 +7,7 @@ are not shared while the clusters run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,11 @@ class Reference:
     chats: list[Answer]
 
 
-def completion_answer(client: OpenAI, prompt: str, max_tokens: int) -> Answer:
+def completion_answer(
+    client: OpenAI, prompt: str, max_tokens: int, model: str = SERVED_NAME
+) -> Answer:
     r = client.completions.create(
-        model=SERVED_NAME,
+        model=model,
         prompt=prompt,
         max_tokens=max_tokens,
         temperature=0,
@@ -86,31 +89,38 @@ def tiny_model() -> Path:
     return resolve_model("tiny")
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    log = tmp_path_factory.mktemp("reference") / "vllm.log"
+@contextlib.contextmanager
+def plain_vllm(model: Path, served_name: str, port: int, log: Path) -> Iterator[OpenAI]:
+    """One plain vLLM OpenAI server on ``model`` (the peer every equality test compares
+    against), stopped on exit."""
     argv = [
         processes.PYTHON, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_model),
-        "--served-model-name", SERVED_NAME,
+        "--model", str(model),
+        "--served-model-name", served_name,
         "--dtype", "float32",
         "--max-model-len", str(MAX_MODEL_LEN),
         "--enforce-eager",
         "--seed", "0",
         "--host", "127.0.0.1",
-        "--port", str(REFERENCE_PORT),
+        "--port", str(port),
     ]  # fmt: skip
     proc = processes.start(argv, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
-        base = f"http://127.0.0.1:{REFERENCE_PORT}"
+        base = f"http://127.0.0.1:{port}"
         processes.wait_http_ok(f"{base}/v1/models", proc, log, timeout_s=300)
-        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        processes.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    log = tmp_path_factory.mktemp("reference") / "vllm.log"
+    with plain_vllm(tiny_model, SERVED_NAME, REFERENCE_PORT, log) as client:
         return Reference(
             completions=[completion_answer(client, p, n) for p, n in COMPLETION_CASES],
             chats=[chat_answer(client, m) for m in CHAT_CASES],
         )
-    finally:
-        processes.stop(proc)
 
 
 @dataclass(frozen=True)

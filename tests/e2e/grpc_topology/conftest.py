@@ -1,9 +1,14 @@
-"""Heterogeneous shapes over the grpc KV transport: prefill PP=2 -> decode TP=2.
+"""Heterogeneous shapes over the grpc KV transport, both ways round:
 
-Each prefill pipeline stage ships only its layers; each decode TP rank fetches only its
-KV head, from both prefill stages. NIXL's pull mode cannot serve a PP prefill pool at all.
-Like tests/e2e/topology, not part of the default `make test` (4 engine ranks on 2 cores
-start in about 2 minutes); run with `make test-topology`. Ports 32300-32999.
+- prefill PP=2 -> decode TP=2: each prefill pipeline stage ships only its layers; each
+  decode TP rank fetches only its KV head, from both prefill stages (NIXL's pull mode
+  cannot serve a PP prefill pool at all);
+- prefill TP=2 -> decode PP=2: each decode stage fetches only its layers, from both
+  prefill TP ranks (each holds half of the KV heads), so heads merge and layers split.
+
+One cluster at a time (the fixture is parametrized: pytest stops one shape before it
+starts the next); 4 engine ranks on 2 cores start in about 2 minutes each.
+Ports 32300-32999 and 26000-26999.
 """
 
 from __future__ import annotations
@@ -15,12 +20,21 @@ import pytest
 
 from tests.e2e.conftest import Cluster, Reference, run_cluster
 
+# (label, pool flags, base port)
+SHAPES = [
+    ("pp2-tp2", ["--prefill-pp", "2", "--decode-tp", "2"], 32300),
+    ("tp2-pp2", ["--prefill-tp", "2", "--decode-pp", "2"], 26000),
+]
 
-@pytest.fixture(scope="package")
+
+@pytest.fixture(scope="package", params=SHAPES, ids=[label for label, _, _ in SHAPES])
 def grpc_parallel_cluster(
-    tiny_model: Path, reference: Reference, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tiny_model: Path,
+    reference: Reference,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
-    log_dir = tmp_path_factory.mktemp("cluster-grpc-pp2-tp2")
-    shape = ["--prefill", "1", "--decode", "1", "--prefill-pp", "2", "--decode-tp", "2"]
-    shape += ["--kv-transport", "grpc"]
-    yield from run_cluster(tiny_model, log_dir, 32300, shape, 900)
+    label, pools, base_port = request.param
+    log_dir = tmp_path_factory.mktemp(f"cluster-grpc-{label}")
+    shape = ["--prefill", "1", "--decode", "1", *pools, "--kv-transport", "grpc"]
+    yield from run_cluster(tiny_model, log_dir, base_port, shape, 900)

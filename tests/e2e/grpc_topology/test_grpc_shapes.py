@@ -1,4 +1,4 @@
-"""Prefill PP=2 -> gRPC KV -> decode TP=2 gives plain vLLM's greedy tokens."""
+"""Prefill PP=2 -> gRPC KV -> decode TP=2, and TP=2 -> PP=2, give plain vLLM's greedy tokens."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _sum(cluster: Cluster, worker: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_pp2_prefill_tp2_decode_match_plain_vllm(
+def test_heterogeneous_shapes_over_grpc_match_plain_vllm(
     grpc_parallel_cluster: Cluster, reference: Reference
 ) -> None:
     cluster = grpc_parallel_cluster
@@ -30,7 +30,7 @@ def test_pp2_prefill_tp2_decode_match_plain_vllm(
     for index, answer in zip(indexes, answers, strict=True):
         assert answer.token_ids == reference.completions[index].token_ids, f"case {index}"
     assert chat_answer(client, CHAT_CASES[1]).token_ids == reference.chats[1].token_ids
-    # The KV really moved over gRPC, and both sides agree on how much.
+    # The KV really moved over gRPC (summed over each side's ranks), and both sides agree.
     sent = _sum(cluster, "prefill-0", "pdserve_kv_transfer_bytes_sent_total")
     received = _sum(cluster, "decode-0", "pdserve_kv_transfer_bytes_received_total")
     assert sent > 0 and sent == received
