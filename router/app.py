@@ -70,6 +70,10 @@ def _discovery(config: RouterConfig) -> Discovery:
         from pdserve.router.discovery.launcher import LauncherDiscovery
 
         return LauncherDiscovery(config.discovery.launcher_url)
+    if config.discovery.mode is DiscoveryMode.RAY:
+        from pdserve.router.discovery.ray import RayDiscovery, connect_ray
+
+        return RayDiscovery(connect_ray(config.discovery))
     return StaticDiscovery(
         {
             Role.PREFILL: config.prefill_workers,

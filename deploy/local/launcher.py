@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,10 +179,16 @@ def control_url(config: ClusterConfig) -> str:
 
 
 def plan_components(
-    config: ClusterConfig, model_path: Path, log_dir: Path
+    config: ClusterConfig,
+    model_path: Path,
+    log_dir: Path,
+    discovery: Sequence[str] | None = None,
 ) -> tuple[list[Component], Component]:
     """The initial worker components and the router component of a cluster. The router
-    follows the launcher's pool membership (router/discovery/launcher.py)."""
+    follows the launcher's pool membership (router/discovery/launcher.py), or what
+    ``discovery`` (its --discovery arguments) says (the Ray backend)."""
+    if discovery is None:
+        discovery = ["--discovery", "launcher", "--launcher-url", control_url(config)]
     served = config.served_model_name or model_path.name
     pools = [(Role.PREFILL, config.prefill), (Role.DECODE, config.decode), (Role.BOTH, config.both)]
     binds = cpu_binds([p for _, p in pools], sorted(os.sched_getaffinity(0)))
@@ -209,10 +215,7 @@ def plan_components(
             str(config.http_port),
             "--grpc-port",
             str(config.grpc_port),
-            "--discovery",
-            "launcher",
-            "--launcher-url",
-            control_url(config),
+            *discovery,
             *(["--policy", config.policy] if config.policy else []),
             *(["--disaggregation", config.disaggregation] if config.disaggregation else []),
         ],

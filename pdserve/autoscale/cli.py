@@ -14,7 +14,7 @@ from pdserve.autoscale.policy import PoolLimits, Slo, SloPlanner
 from pdserve.autoscale.scaler import KubernetesScaler, LauncherScaler, Scaler, Workload
 from pdserve.autoscale.signals import MetricsSource
 from pdserve.config import Role
-from pdserve.errors import ConfigError
+from pdserve.errors import ConfigError, ScalingError
 
 
 def _workload(value: str, option: str) -> Workload:
@@ -39,9 +39,13 @@ def planner(
     router_url: Annotated[str, typer.Option(help="the router (its /metrics)")] = (
         "http://127.0.0.1:8000"
     ),
-    backend: Annotated[str, typer.Option(help="launcher (`pdserve up`) | kubernetes")] = (
-        "launcher"
-    ),
+    backend: Annotated[
+        str, typer.Option(help="launcher (`pdserve up`) | ray (`--backend ray`) | kubernetes")
+    ] = "launcher",
+    ray_address: Annotated[
+        str, typer.Option(help="ray backend: the Ray cluster (GCS host:port)")
+    ] = "",
+    ray_namespace: Annotated[str, typer.Option(help="ray backend: the cluster's")] = "pdserve",
     control_url: Annotated[str, typer.Option(help="launcher backend: control endpoint")] = (
         "http://127.0.0.1:50050"
     ),
@@ -86,9 +90,15 @@ def planner(
                 Role.DECODE: _workload(decode_workload, "--decode-workload"),
             }
             scaler = KubernetesScaler(namespace, workloads)
+        elif backend == "ray":
+            from pdserve.autoscale.ray_scaler import RayScaler
+
+            if not ray_address:
+                raise ConfigError("the ray backend needs --ray-address")
+            scaler = RayScaler.connect(ray_address, ray_namespace)
         else:
-            raise ConfigError(f"unknown backend {backend!r}; use launcher or kubernetes")
-    except ConfigError as e:
+            raise ConfigError(f"unknown backend {backend!r}; use launcher, ray or kubernetes")
+    except (ConfigError, ScalingError) as e:
         typer.secho(f"error: {e.message}", fg="red", err=True)
         raise typer.Exit(2) from e
     source = MetricsSource(router_url, _worker_urls(worker_metrics or []))
