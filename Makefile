@@ -51,13 +51,13 @@ unit: install
 	$(BIN)/pytest -q tests/unit
 
 e2e: install
-	$(BIN)/pytest -q tests/e2e
+	$(BIN)/pytest -q tests/e2e --ignore=tests/e2e/ray
 
 # Everything but the chaos suite with engines: unit tests, then the e2e packages, each
 # with its own real cluster (1P1D, gRPC KV, TP2->PP2, PP2->TP2, 1P2D routing, tracing,
 # scaling). About 12 min on 2 cores (15 min from a fresh clone, install included).
 test: lint typecheck
-	$(BIN)/pytest -q -ra tests --ignore=tests/chaos
+	$(BIN)/pytest -q -ra tests --ignore=tests/chaos --ignore=tests/e2e/ray
 	PDSERVE_CHAOS_TOY=1 $(BIN)/pytest -q -ra tests/chaos
 
 # The chaos suite (tests/chaos) kills, stops and restarts real workers of its own 1P+2D
