@@ -1,5 +1,7 @@
 """One 1 prefill + 1 decode cluster on the tiny model, gRPC KV transport, with mutual TLS
-on every internal link (router -> workers, decode -> prefill KV), from a throwaway CA.
+on every internal link (router -> workers, decode -> prefill KV), from a throwaway CA, and
+per-tenant prefix-cache isolation (router --tenant-isolation, tenants by header; workers
+publish KV events for kv_aware routing).
 
 Started as separate `pdserve worker` / `pdserve router` processes (`pdserve up` has no TLS
 flags). Start-up cost: about 40-55 s on 2 cores (two eager engines starting together).
@@ -29,6 +31,7 @@ WORKERS = {  # name: (role, Worker API port, metrics port, KV port, health-only 
     "prefill-0": ("prefill", 24110, 24210, 24310, 24410),
     "decode-0": ("decode", 24111, 24211, 24320, 24411),
 }
+KV_EVENTS_PORTS = {"prefill-0": 24130, "decode-0": 24140}  # replay: the next port
 START_TIMEOUT_S = 600
 
 
@@ -87,6 +90,7 @@ def tls_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 "--max-model-len", str(MAX_MODEL_LEN),
                 "--cpu-bind", str(cpu % 2),
                 "--health-port", str(health_port),
+                "--kv-events-port", str(KV_EVENTS_PORTS[name]),
                 *_tls_flags(ca.issue(name)),
             ]  # fmt: skip
             procs.append(
@@ -101,6 +105,7 @@ def tls_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             "--decode", f"127.0.0.1:{WORKERS['decode-0'][1]}",
             "--http-port", str(HTTP_PORT),
             "--grpc-port", str(GRPC_PORT),
+            "--tenant-isolation",
             *_tls_flags(router_tls),
         ]  # fmt: skip
         router = processes.start(router_argv, log_dir / "router.log")
