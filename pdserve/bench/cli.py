@@ -24,7 +24,7 @@ from pdserve.bench.runner import PhaseHook, ResultHook, RunPlan, TargetResult, r
 from pdserve.bench.runner import served_model as fetch_served_model
 from pdserve.bench.setups import DEFAULT_SETUPS, SetupContext, SetupSpec
 from pdserve.bench.workloads import load_tokenizer
-from pdserve.errors import PdserveError
+from pdserve.errors import ConfigError, PdserveError
 
 bench_app = typer.Typer(
     help="Benchmark OpenAI-compatible endpoints: TTFT, TPOT, ITL, throughput, SLO goodput.",
@@ -139,7 +139,10 @@ def compare(
     ] = None,
     setup: Annotated[
         list[str] | None,
-        typer.Option(help="[LABEL=]vllm|vllm-pd|pdserve[:EXTRA ARGS] (repeat; default all three)"),
+        typer.Option(
+            help="[LABEL=]vllm|vllm-pd|vllm-dp|pdserve[:EXTRA ARGS] (repeat; default: vllm,"
+            " vllm-pd, pdserve)"
+        ),
     ] = None,
     attach: Annotated[
         list[str] | None, typer.Option(help="NAME=URL of a running setup (repeat)")
@@ -155,6 +158,13 @@ def compare(
     max_model_len: int = 2048,
     kv_cache_gib: Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE per engine")] = 1,
     log_dir: Annotated[Path | None, typer.Option(help="setup logs (default OUT/logs)")] = None,
+    cache_block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="KV block size for the ideal prefix-cache hit rate (default: the"
+            " engines' own, from vllm:cache_config_info)"
+        ),
+    ] = None,
     *,
     flags: CommonFlags,
     output: OutputFlags,
@@ -182,6 +192,10 @@ def compare(
             kv_cache_gib=kv_cache_gib,
         )
         plan = flags.plan(load_tokenizer(str(path)), ctx.served_name)
+        if cache_block_size is not None:
+            if cache_block_size < 1:
+                raise ConfigError("--cache-block-size must be >= 1")
+            plan = replace(plan, cache_block_size=cache_block_size)
     except PdserveError as e:
         raise _fail(console, e) from e
     targets: list[TargetResult] = []
@@ -199,6 +213,7 @@ def compare(
         "port_base": port_base,
         "max_model_len": max_model_len,
         "kv_cache_gib": kv_cache_gib,
+        "cache_block_size": cache_block_size,
     }
     if interrupted:
         run_flags["interrupted"] = True

@@ -41,7 +41,9 @@ def run_compare(
             )
             status(f"{spec.label}: cannot set up: {e.message}")
             continue
-        target = TargetResult(spec.label, setup.url, ctx.served_name, setup=setup.describe())
+        target = TargetResult(
+            spec.label, setup.url, ctx.served_name, setup=setup.describe(), engines=setup.engines
+        )
         targets.append(target)
         try:
             status(f"{spec.label}: starting" if setup.stages else f"{spec.label}: attaching")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pdserve.bench.client import RequestResult
+from pdserve.bench.prefix_cache import PrefixCacheStats
 from pdserve.errors import ConfigError
 
 DEFAULT_ATTAINMENT = 0.9
@@ -136,9 +137,13 @@ class RunMetrics:
     slo_met: int | None = None
     slo_attainment: float | None = None
     goodput_rps: float | None = None
+    prefix_cache: PrefixCacheStats | None = None
+    """The engines' prefix-cache counters over the phase (setups whose engines we know)."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["prefix_cache"] = self.prefix_cache.to_json() if self.prefix_cache else None
+        return out
 
 
 def compute_metrics(

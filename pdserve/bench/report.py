@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.bench.metrics import DEFAULT_ATTAINMENT, RunMetrics, Stats
+from pdserve.bench.prefix_cache import PrefixCacheStats
 from pdserve.bench.runner import TargetResult
 
 RESULTS_JSON = "results.json"
@@ -125,6 +126,7 @@ _COLUMNS: list[tuple[str, bool]] = [  # (column, higher is better)
     ("req/s", True),
     ("out tok/s", True),
     ("TTFT p50", False),
+    ("TTFT p90", False),
     ("TTFT p99", False),
     ("TPOT p50", False),
     ("ITL p50", False),
@@ -140,6 +142,7 @@ def _values(m: RunMetrics) -> list[float | None]:
         m.request_throughput,
         m.output_token_throughput,
         get(m.ttft_s, "p50"),
+        get(m.ttft_s, "p90"),
         get(m.ttft_s, "p99"),
         get(m.tpot_s, "p50"),
         get(m.itl_s, "p50"),
@@ -178,6 +181,8 @@ def markdown(report: BenchReport) -> str:
     for label in labels:
         rows = [(t, p) for t in report.targets for p in t.phases if p.arrival.label == label]
         lines += [f"## {label}", "", _abs_table(rows, report.slo is not None), ""]
+        if any(p.metrics.prefix_cache is not None for _, p in rows):
+            lines += [_cache_table(rows), ""]
         base_phase = (
             next((p for p in base.phases if p.arrival.label == label), None) if base else None
         )
@@ -210,7 +215,8 @@ def markdown(report: BenchReport) -> str:
 
 
 def _abs_table(rows: Sequence[tuple[TargetResult, Any]], with_slo: bool) -> str:
-    head = "| target | ok/sent | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms"
+    head = "| target | ok/sent | req/s | out tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms"
+    head += " | TPOT p50 ms"
     head += " | ITL p50 ms | E2E p50 ms |" + (" SLO met |" if with_slo else "") + " errors |"
     out = [head, "|---" * (head.count("|") - 1) + "|"]
     for t, p in rows:
@@ -221,6 +227,7 @@ def _abs_table(rows: Sequence[tuple[TargetResult, Any]], with_slo: bool) -> str:
             f"{m.request_throughput:.2f}",
             f"{m.output_token_throughput:.1f}",
             _ms(m.ttft_s, "p50"),
+            _ms(m.ttft_s, "p90"),
             _ms(m.ttft_s, "p99"),
             _ms(m.tpot_s, "p50"),
             _ms(m.itl_s, "p50"),
@@ -229,6 +236,41 @@ def _abs_table(rows: Sequence[tuple[TargetResult, Any]], with_slo: bool) -> str:
         if with_slo:
             cells.append("-" if m.slo_attainment is None else f"{m.slo_attainment:.0%}")
         cells.append(_errors(m))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _cache_table(rows: Sequence[tuple[TargetResult, Any]]) -> str:
+    """The engines' prefix-cache hit rate against the workload's ideal (definition in
+    pdserve/bench/prefix_cache.py and docs/benchmarks.md)."""
+    out = [
+        "Prefix cache (engines' own counters; hit rate over the engines that serve the"
+        " requests, prefill-only engines apart)",
+        "",
+        "| target | hit rate | ideal | measured/ideal | hits/queries (tokens)"
+        " | prefill engines' hit rate | block size |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t, p in rows:
+        c: PrefixCacheStats | None = p.metrics.prefix_cache
+        if c is None:
+            out.append(f"| {t.name} | - | - | - | - | - | - |")
+            continue
+        counts = f"{c.hits:.0f}/{c.queries:.0f}" if c.error is None else f"error: {c.error}"
+        ratio = "-" if c.vs_ideal is None else f"{c.vs_ideal:.2f}"
+        cells = [
+            t.name,
+            _pct(c.hit_rate),
+            _pct(c.ideal_hit_rate),
+            ratio,
+            counts,
+            _pct(c.prefill_hit_rate),
+            "-" if c.block_size is None else str(c.block_size),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -19,6 +19,7 @@ from pdserve.bench.metrics import (
     max_rate_meeting_slo,
     search_max_rate,
 )
+from pdserve.bench.prefix_cache import EngineEndpoint, PrefixCacheProbe
 from pdserve.bench.workloads import BenchRequest, Workload
 from pdserve.errors import ConfigError
 
@@ -52,6 +53,8 @@ class TargetResult:
     phases: list[PhaseResult] = field(default_factory=list)
     setup: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    engines: list[EngineEndpoint] = field(default_factory=list)
+    """Its engines' /metrics endpoints: each phase then records their prefix-cache hit rate."""
 
     def goodput_rate(self, threshold: float = DEFAULT_ATTAINMENT) -> float | None:
         points = [
@@ -86,6 +89,8 @@ class RunPlan:
     """(low, high, iterations): bisect Poisson rates for the goodput rate instead of
     running ``phases`` (whose first entry supplies everything but the rate)."""
     attainment: float = DEFAULT_ATTAINMENT
+    cache_block_size: int | None = None
+    """KV block size for the ideal prefix-cache hit rate (None: what the engines report)."""
 
 
 async def served_model(url: str, timeout_s: float = 10.0) -> str:
@@ -141,10 +146,16 @@ async def run_target(
         if plan.warmup:
             target.setup["warmup_failed"] = await warm_up(client, plan.warmup)
         count = len(plan.workload.requests)
+        probe = PrefixCacheProbe(target.engines, plan.cache_block_size)
 
         async def run(arrival: ArrivalSpec) -> PhaseResult:
             hook = on_phase(target.name, arrival, count) if on_phase else None
+            if target.engines:
+                await probe.begin()
             phase = await run_phase(client, plan.workload, arrival, plan.slo, hook)
+            if target.engines:
+                stats = await probe.end(plan.workload, phase.results)
+                phase.metrics = replace(phase.metrics, prefix_cache=stats)
             target.phases.append(phase)
             return phase
 

@@ -23,13 +23,16 @@ from typing import IO, Any
 
 import httpx
 
+from pdserve.bench.prefix_cache import EngineEndpoint, EngineRole
 from pdserve.errors import ConfigError, PdserveError
 
-KINDS = ("vllm", "vllm-pd", "pdserve", "attach")
+KINDS = ("vllm", "vllm-pd", "vllm-dp", "pdserve", "attach")
 DEFAULT_SETUPS = ("vllm", "vllm-pd", "pdserve")
 _PORTS_PER_SETUP = 20
 # NIXL side channels: a pdserve worker takes 8 (deploy/local/launcher.py), a 1P1D setup 16.
 _SIDE_PORTS_PER_SETUP = 20
+_DP_DEFAULT_WORKERS = 2
+_DP_MAX_WORKERS = _PORTS_PER_SETUP - 2  # the router's port and its Prometheus port
 _NIXL_KV = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
 
 
@@ -54,7 +57,7 @@ class SetupSpec:
         kind, _, args = rest.partition(":")
         if kind not in KINDS or kind == "attach":
             raise ConfigError(
-                f"unknown setup {text!r}: use [LABEL=]{{vllm|vllm-pd|pdserve}}[:ARGS]"
+                f"unknown setup {text!r}: use [LABEL=]{{vllm|vllm-pd|vllm-dp|pdserve}}[:ARGS]"
             )
         return cls(label.strip() or kind, kind, tuple(shlex.split(args)))
 
@@ -151,11 +154,14 @@ class Setup:
     spec: SetupSpec
     url: str
     stages: list[list[ManagedProcess]] = field(default_factory=list)
+    engines: list[EngineEndpoint] = field(default_factory=list)
+    """The engines' /metrics endpoints, for their prefix-cache counters."""
 
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.spec.kind,
             "url": self.url,
+            "engines": [e.to_json() for e in self.engines],
             "processes": [
                 {"name": p.name, "argv": p.argv, "env": p.env, "log": str(p.log_path)}
                 for stage in self.stages
@@ -242,9 +248,11 @@ def build_setup(spec: SetupSpec, ctx: SetupContext, index: int) -> Setup:
     logs = ctx.log_dir / spec.label
     if spec.kind == "vllm":
         server = _vllm_server(ctx, "vllm", base, logs, list(spec.extra_args), {})
-        return Setup(spec, server.ready_url or "", [[server]])
+        return Setup(spec, server.ready_url or "", [[server]], [_engine(server)])
     if spec.kind == "vllm-pd":
         return _vllm_pd(spec, ctx, base, side, logs)
+    if spec.kind == "vllm-dp":
+        return _vllm_dp(spec, ctx, base, logs)
     return _pdserve(spec, ctx, base, side, logs)
 
 
@@ -262,11 +270,34 @@ def _vllm_server(
     return ManagedProcess(name, argv, env, logs / f"{name}.log", ready_url=url)
 
 
+def _engine(server: ManagedProcess, role: EngineRole = EngineRole.SERVING) -> EngineEndpoint:
+    """A vLLM OpenAI server serves its Prometheus metrics on its own port."""
+    return EngineEndpoint(server.name, f"{server.ready_url}/metrics", role)
+
+
 def _cpu_halves(cpus: tuple[int, ...]) -> tuple[str, str]:
     """Prefill gets the first half of the CPUs, decode the rest (both share one if alone)."""
-    half = max(1, len(cpus) // 2)
-    first, second = cpus[:half], cpus[half:] or cpus[:half]
-    return _cpu_list(first), _cpu_list(second)
+    first, second = _cpu_split(cpus, 2)
+    return first, second
+
+
+def cpu_split(cpus: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
+    """``parts`` contiguous, near-equal shares of ``cpus`` (the last ones get the extra
+    CPUs, as decode did in the P/D halves); with fewer CPUs than parts, the parts take
+    the CPUs in turn and share them."""
+    if len(cpus) < parts:
+        return [(cpus[i % len(cpus)],) for i in range(parts)]
+    size, extra = divmod(len(cpus), parts)
+    shares, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i >= parts - extra else 0)
+        shares.append(cpus[start:end])
+        start = end
+    return shares
+
+
+def _cpu_split(cpus: tuple[int, ...], parts: int) -> list[str]:
+    return [_cpu_list(share) for share in cpu_split(cpus, parts)]
 
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:
@@ -275,12 +306,17 @@ def _cpu_list(cpus: tuple[int, ...]) -> str:
     return ",".join(str(c) for c in cpus)
 
 
-def _vllm_pd(spec: SetupSpec, ctx: SetupContext, base: int, side: int, logs: Path) -> Setup:
-    router_bin = shutil.which("vllm-router", path=str(Path(ctx.python).parent)) or shutil.which(
+def _router_bin(ctx: SetupContext, kind: str) -> str:
+    found = shutil.which("vllm-router", path=str(Path(ctx.python).parent)) or shutil.which(
         "vllm-router"
     )
-    if router_bin is None:
-        raise ConfigError("the vllm-pd setup needs vllm-router: pip install vllm-router")
+    if found is None:
+        raise ConfigError(f"the {kind} setup needs vllm-router: pip install vllm-router")
+    return found
+
+
+def _vllm_pd(spec: SetupSpec, ctx: SetupContext, base: int, side: int, logs: Path) -> Setup:
+    router_bin = _router_bin(ctx, "vllm-pd")
     kv = ["--kv-transfer-config", json.dumps(_NIXL_KV)]
     prefill_cpus, decode_cpus = _cpu_halves(ctx.cpus)
     prefill = _vllm_server(
@@ -302,7 +338,59 @@ def _vllm_pd(spec: SetupSpec, ctx: SetupContext, base: int, side: int, logs: Pat
         *spec.extra_args,
     ]  # fmt: skip
     router = ManagedProcess("vllm-router", router_argv, {}, logs / "vllm-router.log")
-    return Setup(spec, f"http://127.0.0.1:{router_port}", [[prefill, decode], [router]])
+    engines = [_engine(prefill, EngineRole.PREFILL), _engine(decode)]
+    return Setup(spec, f"http://127.0.0.1:{router_port}", [[prefill, decode], [router]], engines)
+
+
+def split_workers(args: Sequence[str]) -> tuple[int, list[str]]:
+    """``--workers N`` (or ``--workers=N``; the last one wins) out of a vllm-dp spec's
+    arguments, and the rest, which go to vllm-router."""
+    workers, rest = _DP_DEFAULT_WORKERS, []
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if arg == "--workers" or arg.startswith("--workers="):
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(items):
+                value = items[i + 1]
+                i += 1
+            else:
+                raise ConfigError("vllm-dp: --workers needs a number")
+            try:
+                workers = int(value)
+            except ValueError:
+                raise ConfigError(f"vllm-dp: --workers {value!r} is not a number") from None
+        else:
+            rest.append(arg)
+        i += 1
+    if not 1 <= workers <= _DP_MAX_WORKERS:
+        raise ConfigError(f"vllm-dp: --workers must be 1..{_DP_MAX_WORKERS}, got {workers}")
+    return workers, rest
+
+
+def _vllm_dp(spec: SetupSpec, ctx: SetupContext, base: int, logs: Path) -> Setup:
+    """N plain vLLM servers, the CPUs split between them, behind vllm-router (its own
+    policy: ``cache_aware`` unless the spec's arguments say otherwise)."""
+    router_bin = _router_bin(ctx, "vllm-dp")
+    workers, router_args = split_workers(spec.extra_args)
+    servers = [
+        _vllm_server(
+            ctx, f"server-{i}", base + 1 + i, logs, [], {"VLLM_CPU_OMP_THREADS_BIND": cpus}
+        )
+        for i, cpus in enumerate(_cpu_split(ctx.cpus, workers))
+    ]
+    router_argv = [
+        router_bin, "--host", "127.0.0.1", "--port", str(base),
+        "--worker-urls", *(s.ready_url or "" for s in servers),
+        "--prometheus-port", str(base + _PORTS_PER_SETUP - 1),
+        "--worker-startup-check-interval", "1",
+        *router_args,
+    ]  # fmt: skip
+    router = ManagedProcess("vllm-router", router_argv, {}, logs / "vllm-router.log")
+    engines = [_engine(s) for s in servers]
+    return Setup(spec, f"http://127.0.0.1:{base}", [servers, [router]], engines)
 
 
 def _pdserve(spec: SetupSpec, ctx: SetupContext, base: int, side: int, logs: Path) -> Setup:
@@ -319,4 +407,35 @@ def _pdserve(spec: SetupSpec, ctx: SetupContext, base: int, side: int, logs: Pat
         "--log-dir", str(logs / "cluster"), *spec.extra_args,
     ]  # fmt: skip
     up = ManagedProcess("pdserve-up", argv, {}, logs / "pdserve-up.log")
-    return Setup(spec, f"http://127.0.0.1:{base}", [[up]])
+    return Setup(spec, f"http://127.0.0.1:{base}", [[up]], pdserve_engines(argv))
+
+
+def _last_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` (click keeps the last)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def pdserve_engines(argv: Sequence[str]) -> list[EngineEndpoint]:
+    """The workers ``pdserve up ARGV`` starts, as deploy/local/launcher.py lays them out:
+    slots for the prefill replicas, then decode, then colocated ones; worker ``slot``
+    serves its metrics on ``--metrics-base-port + slot``."""
+    try:
+        counts = [int(_last_value(argv, f"--{role}") or 0) for role in ("prefill", "decode")]
+        counts.append(int(_last_value(argv, "--both") or 0))
+        metrics_base = int(_last_value(argv, "--metrics-base-port") or 9100)
+    except ValueError as e:
+        raise ConfigError(f"pdserve setup: a worker count or port is not a number: {e}") from e
+    engines: list[EngineEndpoint] = []
+    for role, count in zip(("prefill", "decode", "both"), counts, strict=True):
+        kind = EngineRole.PREFILL if role == "prefill" else EngineRole.SERVING
+        for replica in range(count):
+            port = metrics_base + len(engines)
+            url = f"http://127.0.0.1:{port}/metrics"
+            engines.append(EngineEndpoint(f"{role}-{replica}", url, kind))
+    return engines
