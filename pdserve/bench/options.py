@@ -19,6 +19,7 @@ from pdserve.bench.metrics import DEFAULT_ATTAINMENT, Slo
 from pdserve.bench.runner import RunPlan
 from pdserve.bench.workloads import (
     BenchRequest,
+    GroupOrder,
     Tokenizer,
     WorkloadKind,
     WorkloadSpec,
@@ -49,6 +50,11 @@ GroupsOpt = Annotated[int, typer.Option(help="shared-prefix: system prompts", ri
 PrefixLenOpt = Annotated[
     int, typer.Option(help="shared-prefix: system prompt tokens", rich_help_panel=_W)
 ]
+GroupOrderOpt = Annotated[
+    GroupOrder,
+    typer.Option(help="shared-prefix: interleaved (i mod G) or random order of the groups",
+                 rich_help_panel=_W),
+]  # fmt: skip
 TurnsOpt = Annotated[int, typer.Option(help="multi-turn: turns per session", rich_help_panel=_W)]
 ReplayOpt = Annotated[
     Path | None,
@@ -120,6 +126,7 @@ class CommonFlags:
     seed: int
     groups: int
     prefix_len: int
+    group_order: GroupOrder
     turns: int
     replay: Path | None
     max_context: int
@@ -141,6 +148,7 @@ class CommonFlags:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["workload"] = self.workload.value
+        out["group_order"] = self.group_order.value
         out["replay"] = str(self.replay) if self.replay else None
         out["api_key"] = "***" if self.api_key else None  # never write secrets to a report
         return out
@@ -154,6 +162,7 @@ class CommonFlags:
             seed=self.seed,
             groups=self.groups,
             prefix_len=self.prefix_len,
+            group_order=self.group_order,
             turns=self.turns,
             replay_path=self.replay,
             max_context=self.max_context,
@@ -232,6 +241,7 @@ _COMMON_PARAMS: tuple[tuple[str, Any, Any], ...] = (
     ("seed", SeedOpt, 0),
     ("groups", GroupsOpt, 4),
     ("prefix_len", PrefixLenOpt, 512),
+    ("group_order", GroupOrderOpt, GroupOrder.INTERLEAVED),
     ("turns", TurnsOpt, 4),
     ("replay", ReplayOpt, None),
     ("max_context", MaxContextOpt, 2048),

@@ -44,6 +44,13 @@ class WorkloadKind(StrEnum):
     REPLAY = "replay"
 
 
+class GroupOrder(StrEnum):
+    """Which system prompt each ``shared-prefix`` request uses, in sending order."""
+
+    INTERLEAVED = "interleaved"  # request i: group i mod G
+    RANDOM = "random"  # the same counts per group, in a seeded random order
+
+
 # Default (input length, output length) per kind; the user's flags override them.
 _DEFAULT_LENGTHS: dict[WorkloadKind, tuple[str, str]] = {
     WorkloadKind.RANDOM: ("100-300", "16-64"),
@@ -146,6 +153,7 @@ class WorkloadSpec:
     seed: int = 0
     groups: int = 4
     prefix_len: int = 512
+    group_order: GroupOrder = GroupOrder.INTERLEAVED
     turns: int = 4
     replay_path: Path | None = None
     max_context: int = 2048
@@ -160,6 +168,7 @@ class WorkloadSpec:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["kind"] = self.kind.value
+        out["group_order"] = self.group_order.value
         out["replay_path"] = str(self.replay_path) if self.replay_path else None
         return out
 
@@ -259,9 +268,14 @@ def _shared_prefix(spec: WorkloadSpec, builder: PromptBuilder, rng: random.Rando
         )
     in_dist, out_dist = spec.lengths()
     prefixes = [builder.text(spec.prefix_len, rng) for _ in range(spec.groups)]
+    # Interleaved, so a router cannot win by arrival order alone. With G a multiple of
+    # the worker count, round robin then keeps each group on one worker by accident;
+    # a random order (its own generator: the prompts stay the same) avoids that.
+    order = [i % spec.groups for i in range(spec.num_requests)]
+    if spec.group_order is GroupOrder.RANDOM:
+        random.Random(spec.seed + 1).shuffle(order)
     chains: list[Chain] = []
-    for i in range(spec.num_requests):
-        group = i % spec.groups  # interleaved, so a router cannot win by arrival order alone
+    for i, group in enumerate(order):
         n_q, n_out = _fit(spec, in_dist.sample(rng), out_dist.sample(rng))
         n_q = max(1, min(n_q, spec.max_context - 1 - spec.prefix_len))
         n_out = max(1, min(n_out, spec.max_context - spec.prefix_len - n_q))

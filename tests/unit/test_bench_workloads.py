@@ -19,6 +19,7 @@ from pdserve.bench.arrival import (
     sweep,
 )
 from pdserve.bench.workloads import (
+    GroupOrder,
     LengthDist,
     PromptBuilder,
     Tokenizer,
@@ -88,6 +89,25 @@ def test_shared_prefix_groups(tokenizer: Tokenizer) -> None:
         assert prefixes.setdefault(r.group, head) == head
         assert len(ids[r.request_id]) == 80 + 32  # default question length
     assert len({tuple(p) for p in prefixes.values()}) == 3
+
+
+def test_shared_prefix_random_group_order(tokenizer: Tokenizer) -> None:
+    spec = WorkloadSpec(kind=WorkloadKind.SHARED_PREFIX, num_requests=32, groups=8, prefix_len=40)
+    shuffled = replace(spec, group_order=GroupOrder.RANDOM)
+    plain, mixed = build_workload(spec, tokenizer), build_workload(shuffled, tokenizer)
+    order = [r.group for r in mixed.requests]
+    assert sorted(order) == sorted(r.group for r in plain.requests)  # 4 of each group
+    # Not i mod 8: with 2 workers, round robin would keep every group on one worker.
+    assert order != [r.group for r in plain.requests]
+    assert {g % 2 for i, g in enumerate(order) if i % 2 == 0} == {0, 1}
+    assert order == [r.group for r in build_workload(shuffled, tokenizer).requests]
+    # The same system prompts; each request starts with its group's.
+    heads = {r.group: r.prompt[: len(r.prompt) // 2] for r in plain.requests}
+    for r in mixed.requests:
+        assert r.group is not None
+        assert r.prompt_tokens == 40 + 32
+        assert r.prompt.startswith(heads[r.group][:20])
+    assert mixed.params["group_order"] == "random"
 
 
 def test_multi_turn_extends_the_context(tokenizer: Tokenizer) -> None:
