@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from pdserve.bench.arrival import ArrivalSpec
 from pdserve.bench.client import ClientOptions, RequestResult
@@ -38,6 +39,7 @@ from pdserve.bench.workloads import (
     build_workload,
     load_tokenizer,
 )
+from pdserve.metrics import WithRole
 
 BLOCK = 16
 
@@ -59,6 +61,23 @@ def test_parse_counters_sums_series_and_reads_the_block_size() -> None:
     counters = parse_counters(EXPOSITION)
     assert counters == CacheCounters(queries=1500.0, hits=384.0, block_size=128)
     assert parse_counters("") == CacheCounters(0.0, 0.0, None)
+
+
+def test_parse_counters_reads_what_prometheus_client_writes_through_a_worker() -> None:
+    # vLLM's stat logger: counters and an info gauge in prometheus_client's default
+    # format; a pdserve worker serves them with a role label added (WithRole).
+    registry = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    queries = Counter("vllm:prefix_cache_queries", "q", labels, registry=registry)
+    hits = Counter("vllm:prefix_cache_hits", "h", labels, registry=registry)
+    info = Gauge("vllm:cache_config_info", "i", ["block_size", "engine"], registry=registry)
+    for engine, (q, h) in enumerate(((640, 512), (100, 0))):
+        queries.labels("m", str(engine)).inc(q)
+        hits.labels("m", str(engine)).inc(h)
+    info.labels("128", "0").set(1)
+    text = generate_latest(WithRole(registry, "decode")).decode()
+    assert 'role="decode"' in text
+    assert parse_counters(text) == CacheCounters(740.0, 512.0, 128)
 
 
 def test_phase_stats_counts_serving_engines_and_keeps_prefill_apart() -> None:
