@@ -276,7 +276,9 @@ class GenerationService:
             # (scale-in, deregistration). Not its failure; another worker can take it.
             span.fail(e)
             span.end()
-            error = NoCapacityError(f"worker {worker.name} left the pool; retry the request")
+            error: PdserveError = NoCapacityError(
+                f"worker {worker.name} left the pool; retry the request"
+            )
             raise WorkerFailure(
                 worker, _stage_name(request), error, unreachable=False, refused=True
             ) from e
