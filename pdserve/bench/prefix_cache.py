@@ -129,6 +129,10 @@ class PrefixCacheStats:
     block_size: int | None = None
     engines: list[EngineDelta] = field(default_factory=list)
     error: str | None = None
+    prompt_tokens: int | None = None
+    """Prompt tokens of the phase's successful requests (the server's counts): the
+    serving engines' queries should equal it (more: preempted requests queried again,
+    or traffic from elsewhere)."""
 
     @property
     def vs_ideal(self) -> float | None:
@@ -145,6 +149,7 @@ class PrefixCacheStats:
             "hits": self.hits,
             "prefill_hit_rate": self.prefill_hit_rate,
             "block_size": self.block_size,
+            "prompt_tokens": self.prompt_tokens,
             "engines": [vars(e) for e in self.engines],
             "error": self.error,
         }
@@ -156,6 +161,7 @@ def phase_stats(
     after: dict[str, CacheCounters],
     ideal_hit_rate: float | None = None,
     block_size: int | None = None,
+    prompt_tokens: int | None = None,
 ) -> PrefixCacheStats:
     """Counter deltas over a phase, summed per role."""
     deltas = [
@@ -179,6 +185,7 @@ def phase_stats(
         ideal_hit_rate=ideal_hit_rate,
         block_size=block_size,
         engines=deltas,
+        prompt_tokens=prompt_tokens,
     )
 
 
@@ -268,8 +275,10 @@ class PrefixCacheProbe:
         reported = engine_block_size((after or {}).values())
         block_size = self.block_size or reported or DEFAULT_BLOCK_SIZE
         ideal = ideal_hit_rate(workload, results, block_size, self.history)
+        sent = sum(r.server_prompt_tokens or r.prompt_tokens for r in results if r.ok)
         if self._before is None or after is None:
             return PrefixCacheStats(
-                None, 0.0, 0.0, ideal_hit_rate=ideal, block_size=block_size, error=self._error
-            )
-        return phase_stats(self.engines, self._before, after, ideal, block_size)
+                None, 0.0, 0.0, ideal_hit_rate=ideal, block_size=block_size,
+                error=self._error, prompt_tokens=sent,
+            )  # fmt: skip
+        return phase_stats(self.engines, self._before, after, ideal, block_size, sent)

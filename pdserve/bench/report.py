@@ -252,13 +252,13 @@ def _cache_table(rows: Sequence[tuple[TargetResult, Any]]) -> str:
         " requests, prefill-only engines apart)",
         "",
         "| target | hit rate | ideal | measured/ideal | hits/queries (tokens)"
-        " | prefill engines' hit rate | block size |",
-        "|---|---|---|---|---|---|---|",
+        " | prompt tokens sent | prefill engines' hit rate | block size |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t, p in rows:
         c: PrefixCacheStats | None = p.metrics.prefix_cache
         if c is None:
-            out.append(f"| {t.name} | - | - | - | - | - | - |")
+            out.append(f"| {t.name} | - | - | - | - | - | - | - |")
             continue
         counts = f"{c.hits:.0f}/{c.queries:.0f}" if c.error is None else f"error: {c.error}"
         ratio = "-" if c.vs_ideal is None else f"{c.vs_ideal:.2f}"
@@ -268,6 +268,7 @@ def _cache_table(rows: Sequence[tuple[TargetResult, Any]]) -> str:
             _pct(c.ideal_hit_rate),
             ratio,
             counts,
+            "-" if c.prompt_tokens is None else str(c.prompt_tokens),
             _pct(c.prefill_hit_rate),
             "-" if c.block_size is None else str(c.block_size),
         ]

@@ -304,7 +304,7 @@ def test_a_perfect_cache_measures_its_ideal_phase_after_phase(
     assert first.block_size == BLOCK and first.error is None
     # 9 requests, one served prompt each; BOS + 70-token prefix = 4 whole 16-token blocks.
     prompts = sum(r.server_prompt_tokens or 0 for r in target.phases[0].results)
-    assert first.queries == prompts
+    assert first.queries == prompts == first.prompt_tokens
     assert first.hits == 6 * 4 * BLOCK  # the first request of each of the 3 groups misses
     assert first.ideal_hit_rate == pytest.approx(6 * 64 / prompts)
     assert first.hit_rate == pytest.approx(first.ideal_hit_rate)
@@ -376,7 +376,7 @@ def _phase(name: str, stats: PrefixCacheStats | None) -> TargetResult:
 def test_report_shows_the_hit_rate_against_the_ideal() -> None:
     measured = PrefixCacheStats(
         hit_rate=0.72, queries=1000, hits=720, prefill_hit_rate=0.25, ideal_hit_rate=0.8,
-        block_size=128,
+        block_size=128, prompt_tokens=990,
     )  # fmt: skip
     report = BenchReport(
         workload={"name": "shared-prefix"},
@@ -384,8 +384,8 @@ def test_report_shows_the_hit_rate_against_the_ideal() -> None:
         environment={},
     )
     text = markdown(report)
-    assert "| kv | 72.0% | 80.0% | 0.90 | 720/1000 | 25.0% | 128 |" in text
-    assert "| attached | - | - | - | - | - | - |" in text
+    assert "| kv | 72.0% | 80.0% | 0.90 | 720/1000 | 990 | 25.0% | 128 |" in text
+    assert "| attached | - | - | - | - | - | - | - |" in text
     assert "TTFT p90 ms" in text
     plain = markdown(BenchReport({"name": "random"}, [_phase("a", None)], {}))
     assert "Prefix cache" not in plain
