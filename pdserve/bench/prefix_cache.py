@@ -251,9 +251,15 @@ class PrefixCacheProbe:
     prompts whole (the ideal cache is unbounded; real engines may have evicted them).
     """
 
-    def __init__(self, engines: Sequence[EngineEndpoint], block_size: int | None = None) -> None:
+    def __init__(
+        self,
+        engines: Sequence[EngineEndpoint],
+        block_size: int | None = None,
+        settle_s: float = 0.5,
+    ) -> None:
         self.engines = list(engines)
         self.block_size = block_size
+        self.settle_s = settle_s  # vLLM records a step's stats just after sending its outputs
         self.history = CacheHistory()
         self._before: dict[str, CacheCounters] | None = None
         self._error: str | None = None
@@ -268,6 +274,7 @@ class PrefixCacheProbe:
     async def end(self, workload: Workload, results: Sequence[RequestResult]) -> PrefixCacheStats:
         after: dict[str, CacheCounters] | None = None
         if self._before is not None:
+            await asyncio.sleep(self.settle_s)
             try:
                 after = await scrape(self.engines)
             except httpx.HTTPError as e:
