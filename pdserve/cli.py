@@ -223,6 +223,16 @@ def worker(
     kv_lease_s: float = WorkerConfig.kv_lease_s,
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size,
     pipeline_parallel_size: int = EngineConfig.pipeline_parallel_size,
+    nnodes: Annotated[
+        int, typer.Option(help="nodes the engine spans; this worker is node 0")
+    ] = EngineConfig.nnodes,
+    master_addr: Annotated[
+        str, typer.Option(help="mp backend, nnodes > 1: this node's address the others join")
+    ] = EngineConfig.master_addr,
+    master_port: int = EngineConfig.master_port,
+    distributed_executor_backend: Annotated[
+        str | None, typer.Option(help="mp | ray (default: vLLM's choice)")
+    ] = None,
     max_model_len: int = EngineConfig.max_model_len,
     dtype: str = EngineConfig.dtype,
     enforce_eager: Annotated[bool | None, typer.Option(help="default: eager on CPU")] = None,
@@ -257,6 +267,10 @@ def worker(
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
+            nnodes=nnodes,
+            master_addr=master_addr,
+            master_port=master_port,
+            distributed_executor_backend=distributed_executor_backend,
             enforce_eager=enforce_eager,
             kv_cache_space_gib=kv_cache_space_gib,
         ),

@@ -117,6 +117,47 @@ class EngineConfig:
     enforce_eager: bool | None = None
     kv_cache_space_gib: int = 1
     seed: int = 0
+    # Multi-node engines (deploy/helm: a LeaderWorkerSet group per replica). This worker
+    # is node 0; the other nnodes - 1 nodes join it as headless vLLM processes (mp backend,
+    # at master_addr:master_port) or as Ray nodes (ray backend). None: vLLM's default.
+    nnodes: int = 1
+    master_addr: str = ""
+    master_port: int = 29501
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be at least 1, got {self.nnodes}")
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if world % self.nnodes:
+            raise ConfigError(
+                f"--nnodes {self.nnodes} must divide tensor x pipeline parallel size {world}"
+            )
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ConfigError(
+                f"--distributed-executor-backend must be mp or ray, "
+                f"got {self.distributed_executor_backend!r}"
+            )
+        if self.nnodes > 1 and self.distributed_executor_backend != "ray" and not self.master_addr:
+            raise ConfigError("--nnodes > 1 with the mp backend needs --master-addr")
+
+    def parallel_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments that place this engine's ranks on nodes."""
+        args: dict[str, Any] = {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+        }
+        if self.distributed_executor_backend is not None:
+            args["distributed_executor_backend"] = self.distributed_executor_backend
+        # Ray places ranks on the Ray cluster's nodes itself; mp needs the node layout.
+        if self.nnodes > 1 and self.distributed_executor_backend != "ray":
+            args |= {
+                "nnodes": self.nnodes,
+                "node_rank": 0,
+                "master_addr": self.master_addr,
+                "master_port": self.master_port,
+            }
+        return args
 
     def eager(self, on_cpu: bool) -> bool:
         return on_cpu if self.enforce_eager is None else self.enforce_eager
