@@ -139,8 +139,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- range $role := list "prefill" "decode" -}}
 {{- $pool := index $.Values $role -}}
-{{- if and $pool.autoscaling.enabled (not (include "pdserve.kubernetesDiscovery" $)) -}}
-{{- fail (printf "%s.autoscaling needs router.discovery=kubernetes: a static worker list is fixed at install time and cannot follow the autoscaler" $role) -}}
+{{- if and (include "pdserve.worker.autoscaled" (dict "root" $ "role" $role)) (not (include "pdserve.kubernetesDiscovery" $)) -}}
+{{- fail (printf "%s.%s needs router.discovery=kubernetes: a static worker list is fixed at install time and cannot follow the autoscaler" $role (ternary "keda" "autoscaling" $pool.keda.enabled)) -}}
+{{- end -}}
+{{- if $pool.multiNode.enabled -}}
+{{- if ne $.Values.workers.kvTransport "nixl" -}}
+{{- fail (printf "%s.multiNode needs workers.kvTransport=nixl (the ranks on follower nodes run plain vLLM with the NIXL connector)" $role) -}}
+{{- end -}}
+{{- $ranks := mul (int $pool.tensorParallelSize) (int $pool.pipelineParallelSize) -}}
+{{- if mod $ranks (int $pool.multiNode.nodesPerReplica) -}}
+{{- fail (printf "%s.multiNode.nodesPerReplica=%d must divide tensorParallelSize x pipelineParallelSize = %d (each node runs the same number of ranks)" $role (int $pool.multiNode.nodesPerReplica) $ranks) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq .Values.workers.kvTransport "nixl") (gt (int .Values.prefill.pipelineParallelSize) 1) -}}
