@@ -258,9 +258,8 @@ def worker(
     _setup_logging(log_level, log_format)
     tls = _tls_config(tls_cert, tls_key, tls_ca, tls_server_name)
     path = resolve_model(model)
-    config = WorkerConfig(
-        role=role,
-        engine=EngineConfig(
+    try:
+        engine = EngineConfig(
             model_path=str(path),
             served_model_name=_model_name(path, served_model_name),
             dtype=dtype,
@@ -273,7 +272,12 @@ def worker(
             distributed_executor_backend=distributed_executor_backend,
             enforce_eager=enforce_eager,
             kv_cache_space_gib=kv_cache_space_gib,
-        ),
+        )
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint="--nnodes / --master-*") from e
+    config = WorkerConfig(
+        role=role,
+        engine=engine,
         worker_id=worker_id or f"{role.value}-{port}",
         host=host,
         port=port,

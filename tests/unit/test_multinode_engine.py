@@ -59,3 +59,16 @@ def test_vllm_accepts_and_checks_the_multi_node_arguments() -> None:
     args = arg_utils.AsyncEngineArgs(model="m", **ec.parallel_args())
     assert (args.nnodes, args.node_rank, args.master_addr) == (2, 0, "10.0.0.1")
     assert args.master_port == ec.master_port
+
+
+def test_worker_cli_refuses_a_multi_node_engine_without_a_master() -> None:
+    """The refusal comes before any model or engine is loaded, as a usage error."""
+    from typer.testing import CliRunner
+
+    from pdserve.cli import app
+
+    result = CliRunner().invoke(
+        app, ["worker", "--role=decode", "--model=tiny", "--tensor-parallel-size=2", "--nnodes=2"]
+    )
+    assert result.exit_code == 2
+    assert "--master-addr" in result.output
