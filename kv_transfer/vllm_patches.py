@@ -35,6 +35,17 @@ environment is untouched.
    1 s, rechecking every 50 ms while it sleeps (vLLM's wake-up notification can be lost,
    and its 5 s recheck then shows as 5 s stalls). Set ``PDSERVE_SPIN_WAIT=1`` to keep
    vLLM's spinning. Remove when vLLM or NIXL expose these knobs.
+
+4. NIXL re-pins the engine's compute thread (CPU hosts only). On CPU, the NIXL connector's
+   worker "reserves" the last core of each NUMA node for KV transfers by calling
+   ``os.sched_setaffinity(0, ...)`` in its constructor; that call pins the calling thread,
+   which is the worker's main thread, the one that runs the model (OpenMP thread 0). Every
+   engine with the connector then computes on the host's last core whatever
+   ``VLLM_CPU_OMP_THREADS_BIND`` says: on 2 cores, a prefill and a decode engine shared
+   core 1 while core 0 idled (measured: the prefill engine computed a batch ~5x slower
+   than one plain vLLM; a colocated worker starved for 2 minutes beside a busy one; all four
+   ranks of a TP2+PP2 cluster on one core). Fix: the constructor keeps the thread's
+   affinity as it found it. Remove when vLLM stops re-pinning the model thread.
 """
 
 from __future__ import annotations
@@ -79,17 +90,41 @@ def register() -> None:
     # The model runner is heavy to import (tens of seconds on a small CPU) and only the
     # engine's worker processes need it: patch it when, and if, they import it.
     after_import(_MODEL_RUNNER, _patch_intermediate_tensors)
-    if _quiet_idle():
+    if not _on_cpu():
+        return
+    quiet = os.environ.get(SPIN_WAIT_ENV) != "1"
+    if quiet:
         after_import(_SHM_QUEUE, _patch_queue_busy_loop)
-        after_import(_NIXL_WORKER, _patch_nixl_progress_thread)
+
+    def patch_nixl_worker(module: ModuleType) -> None:
+        _patch_nixl_thread_affinity(module)
+        if quiet:
+            _patch_nixl_progress_thread(module)
+
+    after_import(_NIXL_WORKER, patch_nixl_worker)
 
 
-def _quiet_idle() -> bool:
-    if os.environ.get(SPIN_WAIT_ENV) == "1":
-        return False
+def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
+
+
+def _patch_nixl_thread_affinity(module: ModuleType) -> None:
+    """The NIXL worker's constructor leaves the calling thread's CPU affinity as it was."""
+
+    def wrap(original: Callable[..., None]) -> Callable[..., None]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            before = os.sched_getaffinity(0)
+            try:
+                original(self, *args, **kwargs)
+            finally:
+                if os.sched_getaffinity(0) != before:
+                    os.sched_setaffinity(0, before)
+
+        return __init__
+
+    _wrap_once(module.NixlBaseConnectorWorker, "__init__", wrap)
 
 
 def _patch_queue_busy_loop(module: ModuleType) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -42,8 +44,9 @@ def test_register_wraps_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert patched is not original and patched.__wrapped__ is original  # type: ignore[attr-defined]
     vllm_patches.register()
     assert utils.TransferTopology.dcp_consumer_count is patched
-    # The model-runner fix waits for the (heavy) model runner's own import.
-    assert deferred == ["vllm.v1.worker.gpu_model_runner"] * 2
+    # The model-runner fix waits for the (heavy) model runner's own import; on CPU (this
+    # machine) the NIXL worker's affinity fix waits for its module, spinning or not.
+    assert deferred == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER] * 2
 
 
 def test_after_import_patches_on_first_import(
@@ -107,7 +110,34 @@ def test_cpu_engines_wait_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -
     assert deferred[1:] == [vllm_patches._SHM_QUEUE, vllm_patches._NIXL_WORKER]
     monkeypatch.setenv(vllm_patches.SPIN_WAIT_ENV, "1")
     vllm_patches.register()
-    assert deferred[3:] == [vllm_patches._MODEL_RUNNER]
+    assert deferred[3:] == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_nixl_worker_does_not_repin_the_model_thread() -> None:
+    """vLLM's CPU NIXL worker pins the calling thread (the model's) to the last core; the
+    patch puts the thread's affinity back, in a thread of its own so the test runner's
+    affinity is never touched."""
+    cores = sorted(os.sched_getaffinity(0))
+
+    class FakeNixlWorker:
+        def __init__(self) -> None:
+            os.sched_setaffinity(0, {cores[-1]})  # what vLLM 0.32 does on CPU
+
+    module = SimpleNamespace(NixlBaseConnectorWorker=FakeNixlWorker)
+    vllm_patches._patch_nixl_thread_affinity(module)  # type: ignore[arg-type]
+    seen: dict[str, set[int]] = {}
+
+    def model_thread() -> None:
+        os.sched_setaffinity(0, {cores[0]})  # the OpenMP binding of thread 0
+        module.NixlBaseConnectorWorker()
+        seen["after"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=model_thread)
+    thread.start()
+    thread.join()
+    assert seen["after"] == {cores[0]}
+    assert os.sched_getaffinity(0) == set(cores)
 
 
 def test_queue_reader_spins_briefly_and_rechecks_often() -> None:
