@@ -540,6 +540,10 @@ def test_follower_ranks_get_the_leaders_nixl_engine_config() -> None:
     label = env["GROUP_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert label == "metadata.labels['leaderworkerset.sigs.k8s.io/group-index']"
     assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["value"] == "$(POD_IP)"
+    # pdserve's vLLM fixes (e.g. NIXL reads by a PP decode engine) also on these ranks.
+    from pdserve.kv_transfer.vllm_patches import ENABLE_ENV
+
+    assert env[ENABLE_ENV]["value"] == "1"
 
 
 def test_router_discovers_only_group_leaders() -> None:

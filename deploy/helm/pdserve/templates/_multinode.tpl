@@ -105,6 +105,10 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.labels['leaderworkerset.sigs.k8s.io/group-index']
+        # pdserve's vLLM fixes (kv_transfer/vllm_patches.py, a vLLM plugin in the image) are
+        # active only where this is set; `pdserve worker` sets it for the leader's ranks.
+        - name: PDSERVE_VLLM_PATCHES
+          value: "1"
         # The NIXL side channel of this node's ranks (kvPort + local rank), as on the leader.
         - name: VLLM_NIXL_SIDE_CHANNEL_HOST
           value: $(POD_IP)
