@@ -305,7 +305,10 @@ async def test_client_cancellation_is_not_a_worker_failure(make_cluster: MakeClu
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.2)
+    for _ in range(500):  # the cancellation crosses a real gRPC stream: wait for it
+        if c.decode[0].cancelled:
+            break
+        await asyncio.sleep(0.01)
     assert c.decode[0].cancelled == 1  # the worker saw the cancellation
     assert len(c.decode[0].requests) == 1  # and nothing was retried
     assert c.pool.workers[0].breaker.state is BreakerState.CLOSED
