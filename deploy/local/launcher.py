@@ -352,26 +352,30 @@ def run_cluster(config: ClusterConfig, log_dir: Path | None) -> int:
         assert w.role is not None  # (set for every worker by worker_component)
         pools.adopt(w, w.role, w.slot)
     cluster = Cluster(pools, router, _say)
-    control = serve_control("127.0.0.1", config.control_port, pools)
+    return serve_cluster(config, cluster, model_path, "stopping all processes")
 
-    stopping = False
+
+def serve_cluster(config: ClusterConfig, cluster: Cluster, model_path: Path, stopping: str) -> int:
+    """Serve the control endpoint, start ``cluster`` and supervise it until Ctrl-C or
+    SIGTERM; stop everything on the way out (saying ``stopping`` first). The exit code."""
+    control = serve_control("127.0.0.1", config.control_port, cluster.pools)
+    stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stop_requested
+        stop_requested = True
 
     signal.signal(signal.SIGTERM, request_stop)
     try:
         if not cluster.start_and_wait(START_TIMEOUT_S):
             return 1
-        served = config.served_model_name or model_path.name
-        _print_ready(config, served)
+        _print_ready(config, config.served_model_name or model_path.name)
         signal.signal(signal.SIGINT, request_stop)
-        return cluster.supervise(lambda: stopping)
+        return cluster.supervise(lambda: stop_requested)
     except KeyboardInterrupt:
         return 130
     finally:
-        _say("stopping all processes")
+        _say(stopping)
         control.shutdown()
         cluster.stop()
         _say("stopped")

@@ -32,16 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.config import ClusterConfig, RayConfig, Role
-from pdserve.deploy.local.control import serve_control
 from pdserve.deploy.local.launcher import (
-    START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     Cluster,
     Component,
-    _print_ready,
     check_topology,
     plan_components,
     pool_of,
+    serve_cluster,
     worker_address,
     worker_factory,
 )
@@ -338,24 +336,4 @@ def run_ray_cluster(config: ClusterConfig, ray_config: RayConfig, log_dir: Path 
 
 
 def _serve(config: ClusterConfig, cluster: RayCluster, model_path: Path) -> int:
-    control = serve_control("127.0.0.1", config.control_port, cluster.pools)
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    try:
-        if not cluster.start_and_wait(START_TIMEOUT_S):
-            return 1
-        _print_ready(config, config.served_model_name or model_path.name)
-        signal.signal(signal.SIGINT, request_stop)
-        return cluster.supervise(lambda: stopping)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        _say("stopping the workers and their actors")
-        control.shutdown()
-        cluster.stop()
-        _say("stopped")
+    return serve_cluster(config, cluster, model_path, "stopping the workers and their actors")
