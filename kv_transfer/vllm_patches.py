@@ -45,7 +45,10 @@ environment is untouched.
    core 1 while core 0 idled (measured: the prefill engine computed a batch ~5x slower
    than one plain vLLM; a colocated worker starved for 2 minutes beside a busy one; all four
    ranks of a TP2+PP2 cluster on one core). Fix: the constructor keeps the thread's
-   affinity as it found it. Remove when vLLM stops re-pinning the model thread.
+   affinity as it found it. OFF unless ``PDSERVE_KEEP_AFFINITY=1``: with it on, a fresh-clone
+   test run saw a decode worker added at run time hang after its first NIXL handshake
+   (its engine's step never returned), which is not understood yet. Remove when vLLM
+   stops re-pinning the model thread.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from typing import Any
 
 ENABLE_ENV = "PDSERVE_VLLM_PATCHES"
 SPIN_WAIT_ENV = "PDSERVE_SPIN_WAIT"
+KEEP_AFFINITY_ENV = "PDSERVE_KEEP_AFFINITY"  # patch 4, opt-in
 _MARK = "_pdserve_patched"
 _MODEL_RUNNER = "vllm.v1.worker.gpu_model_runner"
 _SHM_QUEUE = "vllm.distributed.device_communicators.shm_broadcast"
@@ -93,15 +97,18 @@ def register() -> None:
     if not _on_cpu():
         return
     quiet = os.environ.get(SPIN_WAIT_ENV) != "1"
+    keep_affinity = os.environ.get(KEEP_AFFINITY_ENV) == "1"
     if quiet:
         after_import(_SHM_QUEUE, _patch_queue_busy_loop)
 
     def patch_nixl_worker(module: ModuleType) -> None:
-        _patch_nixl_thread_affinity(module)
+        if keep_affinity:
+            _patch_nixl_thread_affinity(module)
         if quiet:
             _patch_nixl_progress_thread(module)
 
-    after_import(_NIXL_WORKER, patch_nixl_worker)
+    if quiet or keep_affinity:
+        after_import(_NIXL_WORKER, patch_nixl_worker)
 
 
 def _on_cpu() -> bool:

@@ -38,15 +38,15 @@ def test_register_wraps_once(monkeypatch: pytest.MonkeyPatch) -> None:
     original = utils.TransferTopology.dcp_consumer_count
     monkeypatch.setenv(vllm_patches.ENABLE_ENV, "1")
     monkeypatch.setenv(vllm_patches.SPIN_WAIT_ENV, "1")  # the CPU-only fixes: tested below
+    monkeypatch.delenv(vllm_patches.KEEP_AFFINITY_ENV, raising=False)
     monkeypatch.setattr(utils.TransferTopology, "dcp_consumer_count", original)
     vllm_patches.register()
     patched = utils.TransferTopology.dcp_consumer_count
     assert patched is not original and patched.__wrapped__ is original  # type: ignore[attr-defined]
     vllm_patches.register()
     assert utils.TransferTopology.dcp_consumer_count is patched
-    # The model-runner fix waits for the (heavy) model runner's own import; on CPU (this
-    # machine) the NIXL worker's affinity fix waits for its module, spinning or not.
-    assert deferred == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER] * 2
+    # The model-runner fix waits for the (heavy) model runner's own import.
+    assert deferred == [vllm_patches._MODEL_RUNNER] * 2
 
 
 def test_after_import_patches_on_first_import(
@@ -106,11 +106,16 @@ def test_cpu_engines_wait_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(vllm_patches, "after_import", lambda name, patch: deferred.append(name))
     monkeypatch.setenv(vllm_patches.ENABLE_ENV, "1")
     monkeypatch.delenv(vllm_patches.SPIN_WAIT_ENV, raising=False)
+    monkeypatch.delenv(vllm_patches.KEEP_AFFINITY_ENV, raising=False)
     vllm_patches.register()
     assert deferred[1:] == [vllm_patches._SHM_QUEUE, vllm_patches._NIXL_WORKER]
     monkeypatch.setenv(vllm_patches.SPIN_WAIT_ENV, "1")
     vllm_patches.register()
-    assert deferred[3:] == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER]
+    assert deferred[3:] == [vllm_patches._MODEL_RUNNER]
+    # The affinity fix (opt-in) also waits for the NIXL worker's module.
+    monkeypatch.setenv(vllm_patches.KEEP_AFFINITY_ENV, "1")
+    vllm_patches.register()
+    assert deferred[4:] == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
