@@ -9,6 +9,7 @@ KV head), and the reverse.
 from __future__ import annotations
 
 import random
+import socket
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -96,7 +97,23 @@ class Blocks:
 
 @pytest.fixture
 def base_port() -> Iterator[int]:
-    yield random.randrange(32800, 32990, 10)
+    # Below Linux's ephemeral range (32768+), where client sockets could hold a port, and
+    # a block of 10 that binds now (the connector's ranks take base, base + 1, ...).
+    for _ in range(100):
+        base = random.randrange(21000, 22990, 10)
+        if all(_bindable(base + i) for i in range(10)):
+            yield base
+            return
+    pytest.fail("no free block of 10 ports in 21000-22999")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def produce(
