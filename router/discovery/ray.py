@@ -14,11 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pdserve.config import DiscoveryConfig, Role
+from pdserve.config import DiscoveryConfig
 from pdserve.router.backoff import Backoff
 from pdserve.router.discovery.base import Discovery
-from pdserve.router.discovery.launcher import LauncherDiscovery
-from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.router.discovery.launcher import follow_membership
+from pdserve.router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +60,30 @@ class RayDiscovery(Discovery):
         self.call_timeout_s = call_timeout_s
 
     async def run(self, pool: WorkerPool) -> None:
-        applied = 0
-        leaving: list[WorkerClient] = []
         registry: Any = None
-        backoff = Backoff(self.interval_s, self.retry_max_s)
-        while True:
-            leaving = [w for w in leaving if w.in_flight > 0]
-            in_flight = {w.address: w.in_flight for w in [*pool.workers, *leaving]}
-            try:
-                if registry is None:
-                    registry = await asyncio.to_thread(self.connect)
-                doc = await asyncio.wait_for(
-                    _awaitable(registry.sync.remote(applied, in_flight)), self.call_timeout_s
-                )
-                version = int(doc["version"])
-                wanted = {
-                    (Role(role), str(address))
-                    for role, addresses in doc["members"].items()
-                    for address in addresses
-                }
-            except Exception as e:
-                # Not found yet (the launcher starts the registry first), gone, or Ray's
-                # own errors (actor died, timeouts): keep the members we have and look
-                # for the registry again.
-                registry = None
-                wait = backoff.failed()
-                log.warning("ray registry: %r; retrying in %.1f s", e, wait)
-                await asyncio.sleep(wait)
-                continue
-            leaving += LauncherDiscovery._apply(pool, wanted)
-            applied = version
-            backoff.reset()
-            await asyncio.sleep(self.interval_s)
+
+        async def exchange(applied: int, in_flight: dict[str, int]) -> Any:
+            nonlocal registry
+            if registry is None:
+                registry = await asyncio.to_thread(self.connect)
+            ref = registry.sync.remote(applied, in_flight)
+            return await asyncio.wait_for(_awaitable(ref), self.call_timeout_s)
+
+        def forget_registry() -> None:
+            nonlocal registry
+            registry = None
+
+        # Not found yet (the launcher starts the registry first), gone, or Ray's own errors
+        # (actor died, timeouts): keep the members we have and look for the registry again.
+        await follow_membership(
+            pool,
+            exchange,
+            Backoff(self.interval_s, self.retry_max_s),
+            self.interval_s,
+            (Exception,),
+            "ray registry",
+            forget_registry,
+        )
 
 
 async def _awaitable(ref: Any) -> Any:
