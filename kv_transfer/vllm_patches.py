@@ -45,10 +45,10 @@ environment is untouched.
    core 1 while core 0 idled (measured: the prefill engine computed a batch ~5x slower
    than one plain vLLM; a colocated worker starved for 2 minutes beside a busy one; all four
    ranks of a TP2+PP2 cluster on one core). Fix: the constructor keeps the thread's
-   affinity as it found it. OFF unless ``PDSERVE_KEEP_AFFINITY=1``: with it on, a fresh-clone
-   test run saw a decode worker added at run time hang after its first NIXL handshake
-   (its engine's step never returned), which is not understood yet. Remove when vLLM
-   stops re-pinning the model thread.
+   affinity as it found it. OFF unless ``PDSERVE_KEEP_AFFINITY=1``: with it on, a decode
+   worker added at run time under load stalls ~30 s in its first engine-core -> worker
+   call and fails its first requests (reproduced 3/3 on an idle host; not understood, see
+   docs/performance.md). Remove when vLLM stops re-pinning the model thread.
 """
 
 from __future__ import annotations

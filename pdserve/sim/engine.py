@@ -170,7 +170,11 @@ class PrefillWorker:
     def submit(self, request: SimRequest, decode: DecodeWorker) -> None:
         self.queue.append((request, decode))
         if not self.busy:
-            self._next()
+            # Like an engine that drains its input queue before it schedules a step, an
+            # idle worker forms its batch after every request of this instant has come
+            # (measured: three requests sent together were prefilled as one batch).
+            self.busy = True
+            self.loop.after(0.0, self._next)
 
     def _next(self) -> None:
         if not self.queue:

@@ -50,6 +50,20 @@ def test_transfers_to_one_decode_worker_share_its_link() -> None:
     assert abs(b.first_token - a.first_token) == pytest.approx(0.1)  # one transfer later
 
 
+def test_requests_arriving_together_are_prefilled_as_one_batch() -> None:
+    # An engine drains its input queue before it schedules a step: three prompts that
+    # arrive at one instant share one prefill batch and get their first tokens together
+    # (a worker that started on the first one alone would give it an earlier one).
+    model = ServiceModel(0.01, 0.001, 0.02, 0.005, 0.0, 1e9, overhead_s=0.05)  # no transfer
+    requests = run(
+        SimCluster(model, Topology(1, 1)), [SimRequest(i, 0.0, 100, 5) for i in range(3)]
+    )
+    assert len({r.first_token for r in requests}) == 1
+    prefill = 0.01 + 0.001 * 300
+    step = 0.02 + 0.005 * 3
+    assert requests[0].ttft == pytest.approx(0.05 + prefill + step, abs=1e-6)
+
+
 def test_continuous_batching_slows_each_token_with_the_batch() -> None:
     cluster = SimCluster(MODEL, Topology(4, 1), "round_robin")
     requests = run(cluster, [SimRequest(i, 0.0, 10, 50) for i in range(4)])
