@@ -70,8 +70,16 @@ class StepLog:
 class DecodeWorker:
     """Continuous batching; colocated workers also prefill, in chunks, inside the steps."""
 
-    def __init__(self, loop: Loop, model: ServiceModel, log: StepLog, colocated: bool) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        model: ServiceModel,
+        log: StepLog,
+        colocated: bool,
+        rng: random.Random | None = None,
+    ) -> None:
         self.loop, self.model, self.log, self.colocated = loop, model, log, colocated
+        self.rng = rng or random.Random(0)
         self.waiting: deque[SimRequest] = deque()  # KV arrived (or, colocated: to prefill)
         # Running sequences by the step that gives their last token: O(log n) per exit.
         self.running: list[tuple[int, int, SimRequest]] = []
@@ -131,7 +139,8 @@ class DecodeWorker:
         if decoding == 0 and prefill_tokens == 0:
             self.stepping = False
             return
-        duration = m.decode_step_s(decoding) + m.prefill_per_token_s * prefill_tokens
+        step = m.decode_step_s(decoding) * m.step_factor(self.rng)
+        duration = step + m.prefill_per_token_s * prefill_tokens
         self.step_no += 1
         for r in joined:
             heapq.heappush(self.running, (self.step_no + r.output_tokens - 1, r.id, r))
@@ -262,7 +271,10 @@ class SimCluster:
         self.prefill = [PrefillWorker(self.loop, model) for _ in range(topology.prefill)]
         colocated = topology.colocated > 0
         n_decode = topology.colocated or topology.decode
-        self.decode = [DecodeWorker(self.loop, model, self.log, colocated) for _ in range(n_decode)]
+        self.decode = [
+            DecodeWorker(self.loop, model, self.log, colocated, random.Random(seed + 1 + i))
+            for i in range(n_decode)
+        ]
         self.pick_prefill = POLICIES[policy]()
         self.pick_decode = POLICIES[policy]()
         self.requests: list[SimRequest] = []

@@ -9,12 +9,17 @@ measurements pin it down:
 * a KV transfer of N prompt tokens takes ``link_latency_s + N * kv_bytes_per_token /
   link_bytes_per_s``, one transfer at a time per decode worker's link;
 * ``overhead_s`` is the fixed rest of a request's path to its first token (router,
-  tokenization, gRPC hops, the KV handshake) that none of the above covers.
+  tokenization, gRPC hops, the KV handshake) that none of the above covers;
+* ``decode_step_sigma`` spreads each decode step's duration log-normally around its mean
+  (steps on a real host are not all equal: measured ITL p90 about 1.2x p50 at
+  concurrency 1); 0 gives exact, deterministic steps.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +43,20 @@ class ServiceModel:
     decode_kv_capacity_tokens: int = 200_000
     # Colocated workers: prompt tokens a mixed step takes (vLLM's chunked prefill budget).
     chunk_tokens: int = 512
+    decode_step_sigma: float = 0.0
 
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_base_s + self.prefill_per_token_s * tokens
 
     def decode_step_s(self, running: int) -> float:
         return self.decode_base_s + self.decode_per_seq_s * running
+
+    def step_factor(self, rng: random.Random) -> float:
+        """A decode step's duration over its mean: log-normal with mean 1."""
+        if self.decode_step_sigma <= 0:
+            return 1.0
+        sigma = self.decode_step_sigma
+        return math.exp(rng.gauss(-sigma * sigma / 2, sigma))
 
     def transfer_s(self, tokens: int) -> float:
         return self.link_latency_s + tokens * self.kv_bytes_per_token / self.link_bytes_per_s
@@ -61,6 +74,8 @@ class BenchPoint:
     output_tokens: float
     ttft_mean_s: float
     itl_mean_s: float
+    itl_p50_s: float = 0.0
+    itl_p90_s: float = 0.0
 
 
 def read_bench(path: Path) -> BenchPoint:
@@ -77,6 +92,8 @@ def read_bench(path: Path) -> BenchPoint:
         output_tokens=m["output_tokens"] / n,
         ttft_mean_s=m["ttft_s"]["mean"],
         itl_mean_s=m["itl_s"]["mean"],
+        itl_p50_s=m["itl_s"]["p50"],
+        itl_p90_s=m["itl_s"]["p90"],
     )
 
 
@@ -92,7 +109,9 @@ def fit(
     short prompts (decode cost per running sequence).
 
     Decode: at concurrency 1 a step has one sequence; under concurrency C the mean batch
-    is about C (closed loop, the decode phase dominates each request's time).
+    is about C (closed loop, the decode phase dominates each request's time). The step's
+    spread comes from the concurrency-1 run's ITL p90/p50 (log-normal: p90/p50 =
+    exp(1.2816 sigma)).
     """
     if not short.concurrency == long.concurrency == 1:
         raise ConfigError("the short and long runs must have concurrency 1")
@@ -121,4 +140,14 @@ def fit(
         kv_bytes_per_token=kv_bytes_per_token,
         link_bytes_per_s=link_bytes_per_s,
         overhead_s=max(0.0, rest),
+        decode_step_sigma=_step_sigma(short),
     )
+
+
+_Z90 = 1.2816  # the standard normal's 90th percentile
+
+
+def _step_sigma(point: BenchPoint) -> float:
+    if point.itl_p50_s <= 0 or point.itl_p90_s <= point.itl_p50_s:
+        return 0.0
+    return math.log(point.itl_p90_s / point.itl_p50_s) / _Z90

@@ -140,7 +140,9 @@ def bench_point(model: ServiceModel, concurrency: int, prompt: int, output: int)
     closed_loop(cluster, concurrency, [(prompt, output)] * (10 * concurrency))
     cluster.loop.run()
     s = summarize(cluster.requests, cluster.log)
-    return BenchPoint(concurrency, prompt, output, s.ttft_mean_s, s.itl_mean_s)
+    return BenchPoint(
+        concurrency, prompt, output, s.ttft_mean_s, s.itl_mean_s, s.itl_p50_s, s.itl_p90_s
+    )
 
 
 def test_fit_recovers_the_model_from_simulated_benchmarks() -> None:
@@ -158,6 +160,35 @@ def test_fit_recovers_the_model_from_simulated_benchmarks() -> None:
     # slope comes out somewhat low, which the validation against real runs measures.
     assert fitted.decode_per_seq_s == pytest.approx(0.01, rel=0.3)
     assert fitted.overhead_s == pytest.approx(0.2, rel=0.05)
+    assert fitted.decode_step_sigma == 0.0  # every simulated step took its exact time
+
+
+def test_fit_takes_the_step_spread_from_the_single_request_run() -> None:
+    truth = ServiceModel(0.0, 0.002, 0.03, 0.01, 50_000.0, 1e9, decode_step_sigma=0.15)
+    fitted = fit(
+        bench_point(truth, 1, 64, 32),
+        bench_point(truth, 1, 768, 32),
+        bench_point(truth, 4, 64, 32),
+        kv_bytes_per_token=truth.kv_bytes_per_token,
+        link_bytes_per_s=truth.link_bytes_per_s,
+    )
+    assert fitted.decode_step_sigma == pytest.approx(0.15, rel=0.3)
+
+
+def test_step_spread_keeps_the_mean_and_widens_the_tail() -> None:
+    exact = ServiceModel(0.0, 0.001, 0.05, 0.0, 1.0, 1e9)
+    spread = ServiceModel(0.0, 0.001, 0.05, 0.0, 1.0, 1e9, decode_step_sigma=0.2)
+    summaries = []
+    for model in (exact, spread):
+        cluster = SimCluster(model, Topology(1, 1))
+        closed_loop(cluster, 1, [(10, 200)] * 20)
+        cluster.loop.run()
+        summaries.append(summarize(cluster.requests, cluster.log))
+    a, b = summaries
+    assert a.itl_p90_s == pytest.approx(a.itl_p50_s)  # deterministic steps
+    assert b.itl_mean_s == pytest.approx(a.itl_mean_s, rel=0.03)
+    # Log-normal: p90 / p50 = exp(1.2816 * 0.2) = 1.29.
+    assert b.itl_p90_s / b.itl_p50_s == pytest.approx(1.29, rel=0.05)
 
 
 def test_fit_refuses_points_that_cannot_pin_the_model() -> None:
