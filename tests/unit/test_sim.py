@@ -145,15 +145,21 @@ def bench_point(model: ServiceModel, concurrency: int, prompt: int, output: int)
     )
 
 
-def test_fit_recovers_the_model_from_simulated_benchmarks() -> None:
-    truth = ServiceModel(0.0, 0.002, 0.03, 0.01, 50_000.0, 1e9, overhead_s=0.2)
-    fitted = fit(
+def fit_simulated(truth: ServiceModel) -> ServiceModel:
+    """The model fitted from the three benchmark runs `pdserve sim validate` uses,
+    simulated with ``truth``."""
+    return fit(
         bench_point(truth, 1, 64, 32),
         bench_point(truth, 1, 768, 32),
         bench_point(truth, 4, 64, 32),
         kv_bytes_per_token=truth.kv_bytes_per_token,
         link_bytes_per_s=truth.link_bytes_per_s,
     )
+
+
+def test_fit_recovers_the_model_from_simulated_benchmarks() -> None:
+    truth = ServiceModel(0.0, 0.002, 0.03, 0.01, 50_000.0, 1e9, overhead_s=0.2)
+    fitted = fit_simulated(truth)
     assert fitted.prefill_per_token_s == pytest.approx(0.002, rel=0.01)
     assert fitted.decode_base_s + fitted.decode_per_seq_s == pytest.approx(0.04, rel=0.01)
     # Under concurrency the batch is not always full (requests join and leave): the
@@ -165,13 +171,7 @@ def test_fit_recovers_the_model_from_simulated_benchmarks() -> None:
 
 def test_fit_takes_the_step_spread_from_the_single_request_run() -> None:
     truth = ServiceModel(0.0, 0.002, 0.03, 0.01, 50_000.0, 1e9, decode_step_sigma=0.15)
-    fitted = fit(
-        bench_point(truth, 1, 64, 32),
-        bench_point(truth, 1, 768, 32),
-        bench_point(truth, 4, 64, 32),
-        kv_bytes_per_token=truth.kv_bytes_per_token,
-        link_bytes_per_s=truth.link_bytes_per_s,
-    )
+    fitted = fit_simulated(truth)
     assert fitted.decode_step_sigma == pytest.approx(0.15, rel=0.3)
 
 
