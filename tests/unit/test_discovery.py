@@ -21,9 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import typer
 
-from pdserve.cli import _discovery_config
 from pdserve.config import DiscoveryConfig, DiscoveryMode, Role
 from pdserve.errors import ConfigError
+from pdserve.router.cli import discovery_from_config
 from pdserve.router.discovery.base import Discovery
 from pdserve.router.discovery.static import StaticDiscovery
 from pdserve.router.workers import WorkerPool
@@ -76,12 +76,12 @@ def test_config_reads_the_chart_keys(tmp_path: Path) -> None:
         "    decode: {labelSelector: 'pdserve.io/role=decode'}\n"
         "policy: {prefill: round_robin, decode: least_load}\n"
     )
-    assert _discovery_config(None, path) == CONFIG
-    assert _discovery_config(DiscoveryMode.STATIC, path).mode is DiscoveryMode.STATIC
-    assert _discovery_config(None, None) == DiscoveryConfig()
+    assert discovery_from_config(None, path) == CONFIG
+    assert discovery_from_config(DiscoveryMode.STATIC, path).mode is DiscoveryMode.STATIC
+    assert discovery_from_config(None, None) == DiscoveryConfig()
     path.write_text("discovery: {mode: kubernetes}\n")
     with pytest.raises(typer.BadParameter, match="labelSelector"):
-        _discovery_config(None, path)
+        discovery_from_config(None, path)
 
 
 @pytest.mark.parametrize(

@@ -230,12 +230,12 @@ def test_command_lines_parse_with_the_pdserve_cli(profile: str) -> None:
 def test_router_config_parses_into_discovery_config(profile: str, tmp_path: Path) -> None:
     """router.yaml from the ConfigMap reads as the router reads its --config file, and
     names the namespace, port and pods of each pool."""
-    from pdserve.cli import _discovery_config
     from pdserve.config import DiscoveryMode, Role
+    from pdserve.router.cli import discovery_from_config
 
     path = tmp_path / "router.yaml"
     path.write_text(one(profile, "ConfigMap", "-router")["data"]["router.yaml"])
-    config = _discovery_config(None, path)
+    config = discovery_from_config(None, path)
     router_flags = flags(container(one(profile, "Deployment", "-router")))
     assert config.mode == router_flags.get("--discovery", [DiscoveryMode.STATIC])[0]
     assert config.namespace == NAMESPACE and set(config.selectors) == {Role.PREFILL, Role.DECODE}

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import typer
 
-from pdserve.cli import _discovery_config
 from pdserve.config import DiscoveryConfig, DiscoveryMode, Role, RouterConfig
 from pdserve.deploy.ray.actors import ClusterRegistry
 from pdserve.errors import ConfigError
 from pdserve.router.app import _discovery
+from pdserve.router.cli import discovery_from_config
 from pdserve.router.discovery.ray import RayDiscovery
 from pdserve.router.workers import WorkerPool
 from tests.unit.ray_stubs import StubActor
@@ -107,7 +107,7 @@ def test_ray_mode_needs_an_address_and_selects_the_ray_source() -> None:
 
 
 def test_router_command_line_selects_ray_discovery() -> None:
-    config = _discovery_config(
+    config = discovery_from_config(
         DiscoveryMode.RAY, None, ray_address="127.0.0.1:25300", ray_namespace="ns"
     )
     assert (config.mode, config.ray_address, config.ray_namespace) == (
@@ -116,4 +116,4 @@ def test_router_command_line_selects_ray_discovery() -> None:
         "ns",
     )
     with pytest.raises(typer.BadParameter, match="ray-address"):
-        _discovery_config(DiscoveryMode.RAY, None)
+        discovery_from_config(DiscoveryMode.RAY, None)

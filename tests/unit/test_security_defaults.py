@@ -6,6 +6,7 @@ import inspect
 
 from pdserve import cli
 from pdserve.config import EngineConfig, Role, RouterConfig, WorkerConfig
+from pdserve.router import cli as router_cli
 
 LOOPBACK = "127.0.0.1"
 
@@ -20,7 +21,7 @@ def test_config_defaults_bind_loopback() -> None:
 
 def test_cli_defaults_bind_loopback() -> None:
     worker = inspect.signature(cli.worker).parameters
-    router = inspect.signature(cli.router).parameters
+    router = inspect.signature(router_cli.router).parameters
     assert worker["host"].default == LOOPBACK
     assert router["http_host"].default == LOOPBACK
     assert router["grpc_host"].default == LOOPBACK
