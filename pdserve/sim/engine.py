@@ -71,15 +71,10 @@ class DecodeWorker:
     """Continuous batching; colocated workers also prefill, in chunks, inside the steps."""
 
     def __init__(
-        self,
-        loop: Loop,
-        model: ServiceModel,
-        log: StepLog,
-        colocated: bool,
-        rng: random.Random | None = None,
+        self, loop: Loop, model: ServiceModel, log: StepLog, colocated: bool, rng: random.Random
     ) -> None:
         self.loop, self.model, self.log, self.colocated = loop, model, log, colocated
-        self.rng = rng or random.Random(0)
+        self.rng = rng  # draws each step's spread (ServiceModel.step_factor)
         self.waiting: deque[SimRequest] = deque()  # KV arrived (or, colocated: to prefill)
         # Running sequences by the step that gives their last token: O(log n) per exit.
         self.running: list[tuple[int, int, SimRequest]] = []
