@@ -10,6 +10,9 @@ field (valid protobuf: fields may come in any order), from a view of the staged 
 so the producer copies the payload once (into the message) instead of twice (tobytes,
 then protobuf), and the consumer takes the payload as a view of the received message
 instead of letting protobuf copy it. Standard protobuf parsers read these messages too.
+
+Shared memory (kv_transfer/shm.py): a chunk may instead name its bytes in a /dev/shm file
+of the producer; the assembler maps the file and reads them from there (no socket).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import xxhash
 
 from pdserve.errors import KvIntegrityError, KvTransferError
+from pdserve.kv_transfer.shm import ShmReader
 from pdserve.v1 import kv_transfer_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -110,9 +114,18 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def slice_chunks(
-    layer: int, head_start: int, tensor: torch.Tensor, chunk_bytes: int
+    layer: int,
+    head_start: int,
+    tensor: torch.Tensor,
+    chunk_bytes: int,
+    shm: tuple[str, int] | None = None,
 ) -> Iterator[WireChunk]:
-    """Cut one slice into hashed chunks (views of ``tensor``: keep it alive and unchanged)."""
+    """Cut one slice into hashed chunks (views of ``tensor``: keep it alive and unchanged).
+
+    ``shm``: (file name, byte offset of ``tensor`` in it) when ``tensor`` lives in a
+    shared-memory file the consumer can map; the chunks then describe their bytes
+    (shm_name/shm_offset/shm_bytes) and carry none.
+    """
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise KvTransferError(f"chunk size {chunk_bytes} outside 1..{MAX_CHUNK_BYTES} bytes")
     raw = _byte_view(tensor).data  # a memoryview over the tensor's bytes
@@ -128,7 +141,15 @@ def slice_chunks(
             xxh3_64=content_hash(data),
             entry_elems=tensor.shape[3],
         )
-        yield WireChunk(header, data)
+        if shm is None:
+            yield WireChunk(header, data)
+        else:
+            header.shm_name, header.shm_offset, header.shm_bytes = (
+                shm[0],
+                shm[1] + offset,
+                len(data),
+            )
+            yield WireChunk(header, b"")
 
 
 @dataclass
@@ -146,10 +167,13 @@ class SliceAssembler:
         self.block_size = block_size
         self.dtype = dtype
         self._slices: dict[tuple[int, int, int], _Slice] = {}
+        self._shm = ShmReader()
         self.bytes_received = 0
 
     def add(self, chunk: WireChunk) -> None:
         head, data = chunk.header, chunk.payload
+        if head.shm_name:
+            data = self._shm.view(head.shm_name, head.shm_offset, head.shm_bytes)
         if content_hash(data) != head.xxh3_64:
             raise KvIntegrityError(
                 f"KV chunk of layer {head.layer} at byte {head.offset} failed its XXH3 "

@@ -13,6 +13,7 @@ from pdserve.config import TlsConfig
 from pdserve.errors import KvIncompatibleError, KvTransferError
 from pdserve.kv_transfer.chunks import SliceAssembler, WireChunk, decode_chunk
 from pdserve.kv_transfer.grpc_server import CHANNEL_OPTIONS, SERVICE_NAME
+from pdserve.kv_transfer.shm import host_token
 from pdserve.tls import handshake_problem, sync_channel
 from pdserve.v1 import kv_transfer_pb2 as pb
 from pdserve.v1 import kv_transfer_pb2_grpc as pb_grpc
@@ -73,11 +74,18 @@ class KvFetcher:
     """Channels to producer ranks (one per address, reused) and the fetch logic."""
 
     def __init__(
-        self, layout: ConsumerLayout, timeout_s: float, tls: TlsConfig | None = None
+        self,
+        layout: ConsumerLayout,
+        timeout_s: float,
+        tls: TlsConfig | None = None,
+        shared_memory: bool = True,
     ) -> None:
+        """``shared_memory``: offer to read a same-host producer's /dev/shm staging
+        (kv_transfer/shm.py) instead of receiving the bytes over the socket."""
         self.layout = layout
         self.timeout_s = timeout_s
         self.tls = tls
+        self.shm_host = host_token() if shared_memory else ""
         self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
 
@@ -108,6 +116,7 @@ class KvFetcher:
             dtype=self.layout.dtype_name,
             block_size=self.layout.block_size,
             head_size=self.layout.head_size,
+            shm_host=self.shm_host,
         )
         assembler = SliceAssembler(want.num_blocks, self.layout.block_size, self.layout.dtype)
         try:

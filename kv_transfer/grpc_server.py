@@ -16,6 +16,7 @@ import grpc
 
 from pdserve.config import TlsConfig
 from pdserve.kv_transfer.chunks import MESSAGE_LIMIT_BYTES, WireChunk, encode_chunk, slice_chunks
+from pdserve.kv_transfer.shm import host_token, sweep_stale
 from pdserve.kv_transfer.staging import StagedKv, Staging
 from pdserve.kv_transfer.stats import TransferStats
 from pdserve.tls import add_port
@@ -111,14 +112,17 @@ class KvTransferService(pb_grpc.KvTransferServicer):
             [] if request.layers else sorted(entry.layers)
         )
         offset = head_lo - entry.head_start
+        # Same host and staged in /dev/shm: describe the bytes instead of sending them.
+        buffer = entry.buffer if request.shm_host and request.shm_host == host_token() else None
         for layer in layers:
             part = entry.layers[layer][request.first_block : last, offset : offset + head_n]
-            for chunk in slice_chunks(layer, head_lo, part.contiguous(), request.chunk_bytes):
-                self.stats.sent(len(chunk.payload))
+            # A head window of a wider staged copy is not contiguous: it is streamed.
+            where = buffer.offset_of(part) if buffer is not None else None
+            shm = (buffer.name, where) if buffer is not None and where is not None else None
+            for chunk in slice_chunks(layer, head_lo, part.contiguous(), request.chunk_bytes, shm):
+                self.stats.sent(chunk.header.shm_bytes or len(chunk.payload))
                 if self._take_fault():
-                    data = bytearray(chunk.payload)
-                    data[0] ^= 0xFF
-                    chunk.payload = bytes(data)
+                    _corrupt(chunk)
                 yield chunk
 
     def Release(
@@ -140,6 +144,16 @@ class KvTransferService(pb_grpc.KvTransferServicer):
         with self._lock:
             self._corrupt_next = request.corrupt_next_chunks
         return pb.InjectFaultResponse()
+
+
+def _corrupt(chunk: WireChunk) -> None:
+    """The InjectFault hook: damage what the consumer receives, never the staged copy."""
+    if chunk.header.shm_name:
+        chunk.header.xxh3_64 ^= 1  # the bytes are shared: the hash is what travels
+    else:
+        data = bytearray(chunk.payload)
+        data[0] ^= 0xFF
+        chunk.payload = bytes(data)
 
 
 def _add_service(service: KvTransferService, server: grpc.Server) -> None:
@@ -206,9 +220,11 @@ class KvTransferServer:
             self.staging.expire()
 
     def start(self) -> None:
+        sweep_stale()  # shared-memory KV of engines that died before freeing it
         self._server.start()
         self._reaper.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._server.stop(grace=None)
+        self.staging.clear()

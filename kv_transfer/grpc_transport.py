@@ -31,8 +31,10 @@ class GrpcTransport(KvTransport):
         port: int = 5600,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         tls: TlsConfig | None = None,
+        shared_memory: bool = True,
     ) -> None:
         super().__init__(lease_s)
+        self.shared_memory = shared_memory
         self.host = host
         self.port = port
         self.chunk_bytes = chunk_bytes
@@ -50,6 +52,7 @@ class GrpcTransport(KvTransport):
                 "port": self.port,
                 "lease_s": self.lease_s,
                 "chunk_bytes": self.chunk_bytes,
+                "shared_memory": self.shared_memory,
                 # Paths, read by the engine ranks (ConnectorSettings.from_extra).
                 "tls": dataclasses.asdict(self.tls) if self.tls else None,
             },

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.kv_transfer.shm import SharedBuffer
+
 
 @dataclass
 class StagedKv:
@@ -30,6 +32,8 @@ class StagedKv:
     head_count: int
     deadline: float  # time.monotonic() value
     confirmed: set[tuple[int, int]] = field(default_factory=set)
+    # The /dev/shm file the layers live in (kv_transfer/shm.py), None: private memory.
+    buffer: SharedBuffer | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -60,11 +64,21 @@ class Staging:
         self._entries: dict[str, StagedKv] = {}
 
     def put(
-        self, request_id: str, layers: dict[int, torch.Tensor], head_start: int, head_count: int
+        self,
+        request_id: str,
+        layers: dict[int, torch.Tensor],
+        head_start: int,
+        head_count: int,
+        buffer: SharedBuffer | None = None,
     ) -> StagedKv:
-        entry = StagedKv(request_id, layers, head_start, head_count, self._clock() + self.lease_s)
+        """Stage ``layers`` (owned from now on; ``buffer``, when given, is unlinked with
+        the entry). A request staged again replaces its earlier copy."""
+        deadline = self._clock() + self.lease_s
+        entry = StagedKv(request_id, layers, head_start, head_count, deadline, buffer=buffer)
         with self._lock:
+            old = self._entries.pop(request_id, None)
             self._entries[request_id] = entry
+        _free(old)
         return entry
 
     def get(self, request_id: str) -> StagedKv | None:
@@ -88,14 +102,24 @@ class Staging:
             wanted = set(layers) or set(entry.layers)
             heads = range(head_start, head_start + head_count)
             entry.confirmed |= {c for c in entry.cells() if c[0] in wanted and c[1] in heads}
-            if entry.confirmed >= entry.cells():
-                del self._entries[request_id]
-                return True, True
-            return True, False
+            if entry.confirmed < entry.cells():
+                return True, False
+            del self._entries[request_id]
+        _free(entry)
+        return True, True
 
     def drop(self, request_id: str) -> bool:
         with self._lock:
-            return self._entries.pop(request_id, None) is not None
+            entry = self._entries.pop(request_id, None)
+        _free(entry)
+        return entry is not None
+
+    def clear(self) -> None:
+        """Free everything (the server is stopping)."""
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), {}
+        for entry in entries:
+            _free(entry)
 
     def expire(self) -> list[StagedKv]:
         """Remove entries past their lease; returns them (already removed)."""
@@ -104,6 +128,8 @@ class Staging:
             gone = [e for e in self._entries.values() if e.deadline <= now]
             for entry in gone:
                 del self._entries[entry.request_id]
+        for entry in gone:
+            _free(entry)
         if self._on_expire is not None:
             for entry in gone:
                 self._on_expire(entry)
@@ -118,3 +144,8 @@ class Staging:
             sum(e.num_blocks for e in entries),
             sum(e.nbytes for e in entries),
         )
+
+
+def _free(entry: StagedKv | None) -> None:
+    if entry is not None and entry.buffer is not None:
+        entry.buffer.release()

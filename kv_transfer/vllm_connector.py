@@ -49,6 +49,7 @@ from pdserve.kv_transfer.grpc_client import (
     release_everything,
 )
 from pdserve.kv_transfer.grpc_server import FAULT_INJECTION_ENV, KvTransferServer, RankLayout
+from pdserve.kv_transfer.shm import stage_blocks
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -96,6 +97,8 @@ class ConnectorSettings:
     chunk_bytes: int
     fetch_timeout_s: float
     tls: TlsConfig | None = None
+    # Stage in /dev/shm and read a same-host producer's staging from there (ADR 0015).
+    shared_memory: bool = True
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorSettings:
@@ -107,6 +110,7 @@ class ConnectorSettings:
             chunk_bytes=int(extra.get("chunk_bytes", DEFAULT_CHUNK_BYTES)),
             fetch_timeout_s=float(extra.get("fetch_timeout_s", 30.0)),
             tls=TlsConfig(**tls) if tls else None,
+            shared_memory=bool(extra.get("shared_memory", True)),
         )
 
 
@@ -270,6 +274,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
             ConsumerLayout(dtype, self.block_size, head_size),
             self.settings.fetch_timeout_s,
             self.settings.tls,
+            shared_memory=self.settings.shared_memory,
         )
         log.info(
             "KV transfer rank %d serving on %s:%d: layers %s, heads %d..%d, cache %s",
@@ -359,8 +364,10 @@ class GrpcKvConnector(KVConnectorBase_V1):
         for spec in meta.saves:
             assert self._server is not None
             index = torch.tensor(spec.block_ids, dtype=torch.long)
-            layers = {layer: kv.index_select(0, index) for layer, kv in self._kv.items()}
-            self._server.staging.put(spec.request_id, layers, self._head_start, self._head_count)
+            layers, buffer = stage_blocks(self._kv, index, self.settings.shared_memory)
+            self._server.staging.put(
+                spec.request_id, layers, self._head_start, self._head_count, buffer
+            )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -149,6 +149,10 @@ def worker(
         typer.Option(help="publish vLLM KV cache events here (replay: the next port)"),
     ] = None,
     kv_lease_s: float = WorkerConfig.kv_lease_s,
+    kv_shared_memory: Annotated[
+        bool,
+        typer.Option(help="grpc KV: move KV through /dev/shm between workers on one host"),
+    ] = WorkerConfig.kv_shared_memory,
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size,
     pipeline_parallel_size: int = EngineConfig.pipeline_parallel_size,
     nnodes: Annotated[
@@ -213,6 +217,7 @@ def worker(
         kv_transport=KvTransport(kv_transport),
         kv_port=kv_port,
         kv_lease_s=kv_lease_s,
+        kv_shared_memory=kv_shared_memory,
         cpu_bind=cpu_bind,
         tracing=tracing_config(otlp_endpoint),
         kv_events_port=kv_events_port,

@@ -176,6 +176,9 @@ class WorkerConfig:
     kv_port: int = 5600
     # How long a prefill worker keeps a request's KV for a decode pull.
     kv_lease_s: float = 30.0
+    # grpc transport: stage KV in /dev/shm, and move it through there between workers
+    # that share the mount (same host and user); others get it over the socket.
+    kv_shared_memory: bool = True
     # Cores for this worker's engine ranks, e.g. "0|1" for TP=2 (VLLM_CPU_OMP_THREADS_BIND).
     cpu_bind: str | None = None
     # Seconds a draining worker waits for in-flight requests before it exits.

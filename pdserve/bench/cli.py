@@ -245,7 +245,7 @@ def kv_transfer(
     console = Console()
     for r in results:
         console.print(
-            f"{r.transport:5} {r.size_bytes >> 20:4d} MiB  {r.gbps_median:6.2f} GB/s  "
+            f"{r.transport:8} {r.size_bytes >> 20:4d} MiB  {r.gbps_median:6.2f} GB/s  "
             f"p50 {r.latency_p50_s * 1000:8.2f} ms  p90 {r.latency_p90_s * 1000:8.2f} ms  "
             f"p99 {r.latency_p99_s * 1000:8.2f} ms"
         )

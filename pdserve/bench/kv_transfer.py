@@ -1,8 +1,10 @@
 """``pdserve bench kv-transfer``: the grpc KV transport vs NIXL on loopback, same run.
 
 gRPC: a KvTransfer server in a child process (as in a prefill engine rank) holds one
-staged request per size; this process fetches it with the real consumer code (chunks,
-hash verification, assembly into a tensor), so the figure is what a decode rank sees.
+staged request per size, staged as the connector does (into /dev/shm); this process
+fetches it with the real consumer code (chunks, hash verification, assembly into a
+tensor), so the figure is what a decode rank sees. Twice: ``grpc`` with the bytes over
+the socket (as between hosts), ``grpc-shm`` through the same-host shared-memory path.
 NIXL: two agents (UCX backend) in this process; one WRITE of the same bytes per
 transfer, handle creation included (vLLM creates one per request). Both move host
 memory over loopback; both are timed from request to the last byte usable.
@@ -71,12 +73,14 @@ def _time(run: Callable[[], None], repeats: int) -> list[float]:
 def serve_staged(port: int, sizes_mib: list[int]) -> None:
     """Child process: stage one request per size and serve until stdin closes."""
     from pdserve.kv_transfer.grpc_server import KvTransferServer, RankLayout
+    from pdserve.kv_transfer.shm import stage_blocks
 
     server = KvTransferServer("127.0.0.1", port, 3600.0, RankLayout("float32", _BLOCK, 64))
     for size in sizes_mib:
         blocks = size * MIB // _BLOCK_BYTES
-        tensor = torch.rand(blocks, _HEADS, _BLOCK, _ENTRY)
-        server.staging.put(f"size-{size}", {0: tensor}, head_start=0, head_count=_HEADS)
+        paged = {0: torch.rand(blocks, _HEADS, _BLOCK, _ENTRY)}
+        layers, buffer = stage_blocks(paged, torch.arange(blocks), shared=True)
+        server.staging.put(f"size-{size}", layers, 0, _HEADS, buffer)
     server.start()
     print("ready", flush=True)
     sys.stdin.read()
@@ -96,16 +100,18 @@ def bench_grpc(port: int, sizes_mib: list[int], repeats: int, chunk_bytes: int) 
         assert child.stdout is not None
         if child.stdout.readline().strip() != "ready":
             raise RuntimeError("the KV transfer server did not start")
-        fetcher = KvFetcher(ConsumerLayout(torch.float32, _BLOCK, 64), timeout_s=300)
+        layout = ConsumerLayout(torch.float32, _BLOCK, 64)
         results = []
-        for size in sizes_mib:
-            blocks = size * MIB // _BLOCK_BYTES
-            want = SliceRequest(f"size-{size}", 0, blocks, (0,), 0, _HEADS, chunk_bytes)
+        for name, shared in (("grpc", False), ("grpc-shm", True)):
+            fetcher = KvFetcher(layout, timeout_s=300, shared_memory=shared)
+            for size in sizes_mib:
+                blocks = size * MIB // _BLOCK_BYTES
+                want = SliceRequest(f"size-{size}", 0, blocks, (0,), 0, _HEADS, chunk_bytes)
 
-            def fetch(want: SliceRequest = want) -> None:
-                fetcher.fetch(f"127.0.0.1:{port}", want)
+                def fetch(want: SliceRequest = want, fetcher: KvFetcher = fetcher) -> None:
+                    fetcher.fetch(f"127.0.0.1:{port}", want)
 
-            results.append(summarize("grpc", size * MIB, _time(fetch, repeats)))
+                results.append(summarize(name, size * MIB, _time(fetch, repeats)))
         return results
     finally:
         if child.stdin is not None:
@@ -167,7 +173,7 @@ def plot(results: list[SizeResult], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     right.set_yscale("log")
-    fig.suptitle("KV transfer on loopback: gRPC (pdserve) vs NIXL (UCX)")
+    fig.suptitle("KV transfer on one host: gRPC (pdserve; socket, /dev/shm) vs NIXL (UCX)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

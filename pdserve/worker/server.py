@@ -48,6 +48,7 @@ async def serve(config: WorkerConfig) -> None:
         host=config.host,
         port=config.kv_port,
         tls=config.tls,
+        shared_memory=config.kv_shared_memory,
     )
     engine = Engine(config, transport)
     log.info("worker %s (%s): starting the vLLM engine", config.worker_id, config.role.value)

@@ -22,6 +22,9 @@ so both pools share one definition and differ only in their values.
 - --kv-transport={{ $w.kvTransport }}
 - --kv-port={{ $w.kvPort }}
 - --kv-lease-s={{ $w.kvLeaseSeconds }}
+{{- /* Pods do not share /dev/shm, so grpc KV always crosses the network here; staging it
+       in /dev/shm would only spend the engine ranks' shared memory (ADR 0015). */}}
+- --no-kv-shared-memory
 - --tensor-parallel-size={{ $pool.tensorParallelSize }}
 - --pipeline-parallel-size={{ $pool.pipelineParallelSize }}
 {{- if $pool.multiNode.enabled }}
