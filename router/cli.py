@@ -44,6 +44,28 @@ from pdserve.errors import ConfigError
 from pdserve.models import DEFAULT_MODEL
 
 
+def read_config_file(config_file: Path | None) -> dict[str, object]:
+    """The router's --config YAML as a mapping ({} without a file); a clear error else."""
+    import yaml
+
+    if config_file is None:
+        return {}
+    try:
+        doc = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise typer.BadParameter(f"cannot read {config_file}: {e}", param_hint="--config") from e
+    if doc is not None and not isinstance(doc, dict):
+        raise typer.BadParameter("must be a YAML mapping", param_hint="--config")
+    return doc or {}
+
+
+def _section(doc: dict[str, object], name: str) -> dict[str, object]:
+    section = doc.get(name) or {}
+    if not isinstance(section, dict):
+        raise typer.BadParameter(f"its {name} section must be a mapping", param_hint="--config")
+    return section
+
+
 def discovery_from_config(
     mode: DiscoveryMode | None,
     config_file: Path | None,
@@ -53,20 +75,7 @@ def discovery_from_config(
 ) -> DiscoveryConfig:
     """The ``discovery`` section of the router's config file; ``--discovery`` wins over
     its ``mode``."""
-    import yaml
-
-    section: object = {}
-    if config_file is not None:
-        try:
-            doc = yaml.safe_load(config_file.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            message = f"cannot read {config_file}: {e}"
-            raise typer.BadParameter(message, param_hint="--config") from e
-        if doc is not None and not isinstance(doc, dict):
-            raise typer.BadParameter("must be a YAML mapping", param_hint="--config")
-        section = (doc or {}).get("discovery") or {}
-    if not isinstance(section, dict):
-        raise typer.BadParameter("its discovery section must be a mapping", param_hint="--config")
+    section = _section(read_config_file(config_file), "discovery")
     try:
         parsed = DiscoveryConfig.from_dict(section)
         return dataclasses.replace(
@@ -87,12 +96,9 @@ def scheduling_from_config(
     disaggregation: str | None,
 ) -> SchedulingConfig:
     """The config file's ``scheduling`` section; flags win over it."""
-    import yaml
-
     from pdserve.router.scheduling.policy import POLICIES
 
-    doc = yaml.safe_load(config_file.read_text()) if config_file is not None else None
-    section = (doc or {}).get("scheduling") or {} if isinstance(doc, dict) else {}
+    section = _section(read_config_file(config_file), "scheduling")
     try:
         parsed = SchedulingConfig.from_dict(section)
         if prefill_policy:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from pdserve.kv_transfer.metadata import KV_HANDLE_FORMAT_VERSION
+from pdserve.kv_transfer.shm import SHM_DIR
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import kv_transfer_pb2 as kvpb
 from pdserve.v1 import kv_transfer_pb2_grpc as kvgrpc
@@ -102,10 +103,14 @@ def test_staged_kv_is_freed_when_the_lease_runs_out(grpc_cluster: Cluster) -> No
     expired_before = metric(
         scrape(grpc_cluster, "prefill-0"), "pdserve_kv_transfer_lease_expirations_total"
     )
+    files_before = set(SHM_DIR.glob("pdserve-kv-*"))
     handle = _prefill_only(list(range(30, 330)), "lease-test")
     text = scrape(grpc_cluster, "prefill-0")
     staged = metric(text, "pdserve_kv_transfer_staged_blocks")
     assert staged >= len(handle.block_ids) > 0
+    # Staged in /dev/shm (same-host workers, ADR 0015), and unlinked with the lease below.
+    staged_files = set(SHM_DIR.glob("pdserve-kv-*")) - files_before
+    assert staged_files
     started = time.monotonic()
     while time.monotonic() - started < LEASE_S + 5:
         text = scrape(grpc_cluster, "prefill-0")
@@ -114,6 +119,7 @@ def test_staged_kv_is_freed_when_the_lease_runs_out(grpc_cluster: Cluster) -> No
         time.sleep(0.5)
     assert metric(text, "pdserve_kv_transfer_staged_blocks") == 0
     assert metric(text, "pdserve_kv_transfer_staged_requests") == 0
+    assert not any(path.exists() for path in staged_files)
     # >=: the fault test's unconfirmed copy may expire in the same window.
     assert metric(text, "pdserve_kv_transfer_lease_expirations_total") >= expired_before + 1
     # The engine's own KV usage is back at its baseline (nothing running: zero).
