@@ -17,6 +17,7 @@ server removes the files of dead processes of its own pid namespace (a crashed e
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import mmap
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 _PREFIX = "pdserve-kv-"
+# Staged KV never takes /dev/shm below this much free space: vLLM's rank queues, UCX and
+# torch also live there, and they fail hard where staged KV would just use the heap.
+HEADROOM_FRACTION = 0.25
 _counter = itertools.count()
 
 
@@ -64,12 +68,16 @@ class SharedBuffer:
     """A zero-filled file in /dev/shm, mapped into this process as a uint8 tensor.
 
     Space is reserved up front (posix_fallocate), so a full /dev/shm is an OSError here
-    and never a SIGBUS on a later write.
+    and never a SIGBUS on a later write; so is one that would be left with less than
+    ``HEADROOM_FRACTION`` of its size free.
     """
 
     def __init__(self, nbytes: int) -> None:
         if nbytes <= 0:
             raise ValueError("a shared buffer needs at least one byte")
+        fs = os.statvfs(SHM_DIR)
+        if (fs.f_bavail * fs.f_frsize - nbytes) < HEADROOM_FRACTION * fs.f_blocks * fs.f_frsize:
+            raise OSError(errno.ENOSPC, f"{nbytes} bytes would leave {SHM_DIR} too full")
         self.name = f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{next(_counter)}-" + (
             secrets.token_hex(4)
         )
@@ -116,7 +124,7 @@ def stage_blocks(
     try:
         buffer = SharedBuffer(sum(sizes.values()))
     except OSError as e:
-        log.warning("no room in %s for staged KV (%s); staging in private memory", SHM_DIR, e)
+        _warn_once(f"no room in {SHM_DIR} for staged KV ({e}); staging in private memory")
         return {layer: kv.index_select(0, index) for layer, kv in sources.items()}, None
     layers, offset = {}, 0
     for layer, kv in sources.items():
@@ -125,6 +133,17 @@ def stage_blocks(
         layers[layer] = out
         offset += sizes[layer]
     return layers, buffer
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log the first fallback (per kind of error) of this process, not one per request."""
+    kind = message.split("(", 1)[-1].split(":", 1)[0]
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning("%s (logged once)", message)
 
 
 class ShmReader:

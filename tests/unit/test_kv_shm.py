@@ -172,3 +172,11 @@ def test_the_reader_refuses_foreign_and_missing_files() -> None:
             reader.view(buffer.name, 8, 9)
     finally:
         buffer.release()
+
+
+def test_staging_leaves_headroom_in_dev_shm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "HEADROOM_FRACTION", 1.0)  # any allocation breaks the headroom
+    with pytest.raises(OSError, match="too full"):
+        shm.SharedBuffer(4096)
+    layers, buffer = shm.stage_blocks({0: kv(2, 1, seed=6)}, torch.tensor([1]), shared=True)
+    assert buffer is None and torch.equal(layers[0], kv(2, 1, seed=6)[[1]])
