@@ -135,14 +135,12 @@ def stage_blocks(
     return layers, buffer
 
 
-_warned: set[str] = set()
+_fallbacks = itertools.count()
 
 
 def _warn_once(message: str) -> None:
-    """Log the first fallback (per kind of error) of this process, not one per request."""
-    kind = message.split("(", 1)[-1].split(":", 1)[0]
-    if kind not in _warned:
-        _warned.add(kind)
+    """Log the first fallback of this process, not one per request."""
+    if next(_fallbacks) == 0:
         log.warning("%s (logged once)", message)
 
 
