@@ -14,6 +14,7 @@ from pdserve.cli_options import (
     DisaggregationOption,
     GrpcPortOption,
     HttpPortOption,
+    KvSharedMemoryOption,
     KvTransportOption,
     LogFormatOption,
     ModelOption,
@@ -64,6 +65,7 @@ def up(
     max_model_len: int = ClusterConfig.max_model_len,
     served_model_name: ServedModelNameOption = None,
     kv_lease_s: float = ClusterConfig.kv_lease_s,
+    kv_shared_memory: KvSharedMemoryOption = ClusterConfig.kv_shared_memory,
     log_dir: Annotated[
         Path | None, typer.Option(help="worker/router logs (default: a temp folder)")
     ] = None,
@@ -108,6 +110,7 @@ def up(
         served_model_name=served_model_name,
         kv_transport=KvTransport(kv_transport),
         kv_lease_s=kv_lease_s,
+        kv_shared_memory=kv_shared_memory,
         control_port=control_port,
         policy=policy,
         disaggregation=disaggregation,
@@ -149,10 +152,7 @@ def worker(
         typer.Option(help="publish vLLM KV cache events here (replay: the next port)"),
     ] = None,
     kv_lease_s: float = WorkerConfig.kv_lease_s,
-    kv_shared_memory: Annotated[
-        bool,
-        typer.Option(help="grpc KV: move KV through /dev/shm between workers on one host"),
-    ] = WorkerConfig.kv_shared_memory,
+    kv_shared_memory: KvSharedMemoryOption = WorkerConfig.kv_shared_memory,
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size,
     pipeline_parallel_size: int = EngineConfig.pipeline_parallel_size,
     nnodes: Annotated[

@@ -29,6 +29,9 @@ ModelOption = Annotated[
 ]
 ServedModelNameOption = Annotated[str | None, typer.Option(help="model id clients use")]
 KvTransportOption = Annotated[str, typer.Option(help="nixl | grpc")]
+KvSharedMemoryOption = Annotated[
+    bool, typer.Option(help="grpc KV: workers on one host move it through /dev/shm (ADR 0015)")
+]
 HttpPortOption = Annotated[int, typer.Option(help="the router's OpenAI-compatible HTTP API")]
 GrpcPortOption = Annotated[int, typer.Option(help="the router's gRPC API (pdserve.v1.Inference)")]
 PolicyOption = Annotated[

@@ -511,6 +511,7 @@ class ClusterConfig:
     served_model_name: str | None = None
     kv_transport: KvTransport = WorkerConfig.kv_transport
     kv_lease_s: float = WorkerConfig.kv_lease_s
+    kv_shared_memory: bool = WorkerConfig.kv_shared_memory
     # The launcher's control endpoint on 127.0.0.1 (`pdserve scale`, router discovery).
     control_port: int = 50050
     # The router's worker choice for both pools (None: its default) and when it splits

@@ -154,6 +154,7 @@ def worker_component(
         "--kv-events-port",
         str(config.kv_base_port + slot * KV_PORTS_PER_WORKER + KV_EVENTS_PORT_OFFSET),
         "--kv-lease-s", str(config.kv_lease_s),
+        "--kv-shared-memory" if config.kv_shared_memory else "--no-kv-shared-memory",
         "--kv-transport", config.kv_transport.value,
         "--tensor-parallel-size", str(pool.tensor_parallel_size),
         "--pipeline-parallel-size", str(pool.pipeline_parallel_size),
