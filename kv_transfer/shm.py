@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import mmap
 import os
@@ -38,7 +37,6 @@ _PREFIX = "pdserve-kv-"
 # Staged KV never takes /dev/shm below this much free space: vLLM's rank queues, UCX and
 # torch also live there, and they fail hard where staged KV would just use the heap.
 HEADROOM_FRACTION = 0.25
-_counter = itertools.count()
 
 
 @cache
@@ -78,9 +76,7 @@ class SharedBuffer:
         fs = os.statvfs(SHM_DIR)
         if (fs.f_bavail * fs.f_frsize - nbytes) < HEADROOM_FRACTION * fs.f_blocks * fs.f_frsize:
             raise OSError(errno.ENOSPC, f"{nbytes} bytes would leave {SHM_DIR} too full")
-        self.name = f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{next(_counter)}-" + (
-            secrets.token_hex(4)
-        )
+        self.name = f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(8)}"
         path = SHM_DIR / self.name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -109,39 +105,48 @@ class SharedBuffer:
         (SHM_DIR / self.name).unlink(missing_ok=True)
 
 
-def stage_blocks(
-    sources: Mapping[int, torch.Tensor], index: torch.Tensor, shared: bool
-) -> tuple[dict[int, torch.Tensor], SharedBuffer | None]:
-    """Copy blocks ``index`` of every layer out of the paged cache, in one shared buffer
-    when ``shared`` (falling back to private memory when /dev/shm has no room)."""
-    if not shared or not sources or len(index) == 0:
-        return {layer: kv.index_select(0, index) for layer, kv in sources.items()}, None
-    shapes = {layer: (len(index), *kv.shape[1:]) for layer, kv in sources.items()}
-    sizes = {
-        layer: sources[layer].element_size() * int(torch.Size(shape).numel())
-        for layer, shape in shapes.items()
-    }
-    try:
-        buffer = SharedBuffer(sum(sizes.values()))
-    except OSError as e:
-        _warn_once(f"no room in {SHM_DIR} for staged KV ({e}); staging in private memory")
-        return {layer: kv.index_select(0, index) for layer, kv in sources.items()}, None
-    layers, offset = {}, 0
-    for layer, kv in sources.items():
-        out = buffer.bytes[offset : offset + sizes[layer]].view(kv.dtype).view(shapes[layer])
-        torch.index_select(kv, 0, index, out=out)
-        layers[layer] = out
-        offset += sizes[layer]
-    return layers, buffer
+class BlockStager:
+    """Copies a request's blocks out of the paged cache into one staging buffer: a file
+    in /dev/shm when ``shared`` (falling back to private memory when /dev/shm has no
+    room, which it logs once), else private memory. One per engine rank."""
+
+    def __init__(self, shared: bool) -> None:
+        self.shared = shared
+        self._warned = False
+
+    def stage(
+        self, sources: Mapping[int, torch.Tensor], index: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], SharedBuffer | None]:
+        """Blocks ``index`` of every layer; the buffer they live in, if shared."""
+        if not self.shared or not sources or len(index) == 0:
+            return _private_copy(sources, index), None
+        shapes = {layer: (len(index), *kv.shape[1:]) for layer, kv in sources.items()}
+        sizes = {
+            layer: sources[layer].element_size() * int(torch.Size(shape).numel())
+            for layer, shape in shapes.items()
+        }
+        try:
+            buffer = SharedBuffer(sum(sizes.values()))
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "no room in %s for staged KV (%s): staging in private memory", SHM_DIR, e
+                )
+            return _private_copy(sources, index), None
+        layers, offset = {}, 0
+        for layer, kv in sources.items():
+            out = buffer.bytes[offset : offset + sizes[layer]].view(kv.dtype).view(shapes[layer])
+            torch.index_select(kv, 0, index, out=out)
+            layers[layer] = out
+            offset += sizes[layer]
+        return layers, buffer
 
 
-_fallbacks = itertools.count()
-
-
-def _warn_once(message: str) -> None:
-    """Log the first fallback of this process, not one per request."""
-    if next(_fallbacks) == 0:
-        log.warning("%s (logged once)", message)
+def _private_copy(
+    sources: Mapping[int, torch.Tensor], index: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    return {layer: kv.index_select(0, index) for layer, kv in sources.items()}
 
 
 class ShmReader:

@@ -49,7 +49,7 @@ from pdserve.kv_transfer.grpc_client import (
     release_everything,
 )
 from pdserve.kv_transfer.grpc_server import FAULT_INJECTION_ENV, KvTransferServer, RankLayout
-from pdserve.kv_transfer.shm import stage_blocks
+from pdserve.kv_transfer.shm import BlockStager
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -142,6 +142,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
         self._head_count = 0
         self._server: KvTransferServer | None = None
         self._fetcher: KvFetcher | None = None
+        self._stager = BlockStager(self.settings.shared_memory)
         self._load_errors: set[int] = set()
 
     # ---------------------------------------------------------------- scheduler side
@@ -364,7 +365,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
         for spec in meta.saves:
             assert self._server is not None
             index = torch.tensor(spec.block_ids, dtype=torch.long)
-            layers, buffer = stage_blocks(self._kv, index, self.settings.shared_memory)
+            layers, buffer = self._stager.stage(self._kv, index)
             self._server.staging.put(
                 spec.request_id, layers, self._head_start, self._head_count, buffer
             )

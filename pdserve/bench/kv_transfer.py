@@ -73,13 +73,14 @@ def _time(run: Callable[[], None], repeats: int) -> list[float]:
 def serve_staged(port: int, sizes_mib: list[int]) -> None:
     """Child process: stage one request per size and serve until stdin closes."""
     from pdserve.kv_transfer.grpc_server import KvTransferServer, RankLayout
-    from pdserve.kv_transfer.shm import stage_blocks
+    from pdserve.kv_transfer.shm import BlockStager
 
     server = KvTransferServer("127.0.0.1", port, 3600.0, RankLayout("float32", _BLOCK, 64))
+    stager = BlockStager(shared=True)
     for size in sizes_mib:
         blocks = size * MIB // _BLOCK_BYTES
         paged = {0: torch.rand(blocks, _HEADS, _BLOCK, _ENTRY)}
-        layers, buffer = stage_blocks(paged, torch.arange(blocks), shared=True)
+        layers, buffer = stager.stage(paged, torch.arange(blocks))
         server.staging.put(f"size-{size}", layers, 0, _HEADS, buffer)
     server.start()
     print("ready", flush=True)

@@ -41,7 +41,7 @@ def stage(server: KvTransferServer, request_id: str, heads: int = 2) -> dict[int
     """Stage blocks 1 and 3 of two layers as the connector does; returns what was staged."""
     paged = {layer: kv(4, heads, seed=layer) for layer in (0, 1)}
     index = torch.tensor([1, 3])
-    layers, buffer = shm.stage_blocks(paged, index, shared=True)
+    layers, buffer = shm.BlockStager(shared=True).stage(paged, index)
     assert buffer is not None and (shm.SHM_DIR / buffer.name).exists()
     server.staging.put(request_id, layers, 0, heads, buffer)
     return {layer: t[index] for layer, t in paged.items()}
@@ -110,19 +110,21 @@ def test_expiry_drop_and_clear_unlink_the_files() -> None:
     staging = Staging(5.0, clock=lambda: now[0])
     paths = []
     for name in ("a", "b", "c", "d"):
-        layers, buffer = shm.stage_blocks({0: kv(2, 1, seed=1)}, torch.tensor([0]), shared=True)
+        layers, buffer = shm.BlockStager(shared=True).stage(
+            {0: kv(2, 1, seed=1)}, torch.tensor([0])
+        )
         assert buffer is not None
         staging.put(name, layers, 0, 1, buffer)
         paths.append(shm.SHM_DIR / buffer.name)
     assert all(p.exists() for p in paths)
     assert staging.drop("a") and not paths[0].exists()
-    layers, buffer = shm.stage_blocks({0: kv(2, 1, seed=2)}, torch.tensor([1]), shared=True)
+    layers, buffer = shm.BlockStager(shared=True).stage({0: kv(2, 1, seed=2)}, torch.tensor([1]))
     staging.put("b", layers, 0, 1, buffer)  # staged again: the old copy goes
     assert not paths[1].exists()
     now[0] = 10.0
     assert {e.request_id for e in staging.expire()} == {"b", "c", "d"}
     assert not any(p.exists() for p in paths)
-    layers, buffer = shm.stage_blocks({0: kv(2, 1, seed=3)}, torch.tensor([1]), shared=True)
+    layers, buffer = shm.BlockStager(shared=True).stage({0: kv(2, 1, seed=3)}, torch.tensor([1]))
     staging.put("e", layers, 0, 1, buffer)
     assert buffer is not None
     staging.clear()
@@ -135,7 +137,7 @@ def test_no_room_in_dev_shm_falls_back_to_private_memory(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(shm, "SharedBuffer", full)
     paged = {0: kv(3, 2, seed=5)}
-    layers, buffer = shm.stage_blocks(paged, torch.tensor([2, 0]), shared=True)
+    layers, buffer = shm.BlockStager(shared=True).stage(paged, torch.tensor([2, 0]))
     assert buffer is None
     assert torch.equal(layers[0], paged[0][[2, 0]])
 
@@ -178,5 +180,5 @@ def test_staging_leaves_headroom_in_dev_shm(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(shm, "HEADROOM_FRACTION", 1.0)  # any allocation breaks the headroom
     with pytest.raises(OSError, match="too full"):
         shm.SharedBuffer(4096)
-    layers, buffer = shm.stage_blocks({0: kv(2, 1, seed=6)}, torch.tensor([1]), shared=True)
+    layers, buffer = shm.BlockStager(shared=True).stage({0: kv(2, 1, seed=6)}, torch.tensor([1]))
     assert buffer is None and torch.equal(layers[0], kv(2, 1, seed=6)[[1]])
