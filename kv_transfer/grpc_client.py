@@ -11,7 +11,7 @@ import torch
 
 from pdserve.config import TlsConfig
 from pdserve.errors import KvIncompatibleError, KvTransferError
-from pdserve.kv_transfer.chunks import SliceAssembler, WireChunk, decode_chunk
+from pdserve.kv_transfer.chunks import ReceiveArena, SliceAssembler, WireChunk, decode_chunk
 from pdserve.kv_transfer.grpc_server import CHANNEL_OPTIONS, SERVICE_NAME
 from pdserve.kv_transfer.shm import host_token
 from pdserve.tls import handshake_problem, sync_channel
@@ -98,9 +98,10 @@ class KvFetcher:
             return channel
 
     def fetch(
-        self, target: str, want: SliceRequest
+        self, target: str, want: SliceRequest, arena: ReceiveArena | None = None
     ) -> tuple[dict[tuple[int, int, int], torch.Tensor], int]:
         """Slices keyed (layer, head_start, head_count), and the bytes received.
+        ``arena``: where the slices go (views valid until its next reset).
 
         Raises KvIntegrityError on a checksum failure, KvIncompatibleError when the
         producer refuses the layout, KvTransferError for anything else.
@@ -118,7 +119,9 @@ class KvFetcher:
             head_size=self.layout.head_size,
             shm_host=self.shm_host,
         )
-        assembler = SliceAssembler(want.num_blocks, self.layout.block_size, self.layout.dtype)
+        assembler = SliceAssembler(
+            want.num_blocks, self.layout.block_size, self.layout.dtype, arena
+        )
         try:
             for chunk in self._channel(target).fetch(msg, timeout=self.timeout_s):
                 assembler.add(chunk)

@@ -150,12 +150,34 @@ def _private_copy(
 
 
 class ShmReader:
-    """The consumer's read-only mappings of producer files, for one fetch."""
+    """The consumer's mappings of producer files, for one fetch.
+
+    Private (copy-on-write) mappings: the consumer reads the producer's pages in place
+    and may wrap them as tensors; anything it wrote would go to its own copy, never to
+    the producer's staging.
+    """
 
     def __init__(self) -> None:
-        self._maps: dict[str, memoryview] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def view(self, name: str, offset: int, nbytes: int) -> memoryview:
+        mapped = self._map(name)
+        if offset + nbytes > len(mapped):
+            raise KvTransferError(f"KV chunk overruns shared-memory file {name}")
+        return memoryview(mapped)[offset : offset + nbytes]
+
+    def tensor(
+        self, name: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Bytes ``offset``.. of the file as a tensor, without copying them."""
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        mapped = self._map(name)
+        if offset + nbytes > len(mapped):
+            raise KvTransferError(f"KV slice overruns shared-memory file {name}")
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
+        return flat.view(dtype).view(shape)
+
+    def _map(self, name: str) -> mmap.mmap:
         if not name.startswith(_PREFIX) or "/" in name:
             raise KvTransferError(f"producer named an unexpected shared-memory file {name!r}")
         buf = self._maps.get(name)
@@ -167,15 +189,11 @@ class ShmReader:
                     f"staged KV in {SHM_DIR / name} is gone (lease expired?): {e}"
                 ) from e
             try:
-                size = os.fstat(fd).st_size
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                buf = memoryview(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ))
+                buf = mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_COPY)
             finally:
                 os.close(fd)
             self._maps[name] = buf
-        if offset + nbytes > len(buf):
-            raise KvTransferError(f"KV chunk overruns shared-memory file {name}")
-        return buf[offset : offset + nbytes]
+        return buf
 
 
 def sweep_stale() -> int:

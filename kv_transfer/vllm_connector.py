@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pdserve.config import TlsConfig
-from pdserve.kv_transfer.chunks import DEFAULT_CHUNK_BYTES
+from pdserve.kv_transfer.chunks import DEFAULT_CHUNK_BYTES, ReceiveArena
 from pdserve.kv_transfer.grpc_client import (
     ConsumerLayout,
     KvFetcher,
@@ -143,6 +143,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
         self._server: KvTransferServer | None = None
         self._fetcher: KvFetcher | None = None
         self._stager = BlockStager(self.settings.shared_memory)
+        self._arena = ReceiveArena()
         self._load_errors: set[int] = set()
 
     # ---------------------------------------------------------------- scheduler side
@@ -318,9 +319,12 @@ class GrpcKvConnector(KVConnectorBase_V1):
         received: dict[tuple[int, int, int], torch.Tensor] = {}
         sources = []
         nbytes = 0
+        # Every layer's share of this rank's cache for the request's blocks.
+        row_bytes = sum(kv[0].numel() * kv.element_size() for kv in self._kv.values())
+        self._arena.reset(row_bytes * want.num_blocks)
         for rank in range(spec.remote_ranks):
             target = f"{spec.remote_host}:{spec.remote_port + rank}"
-            slices, n = self._fetcher.fetch(target, want)
+            slices, n = self._fetcher.fetch(target, want, self._arena)
             if slices:
                 sources.append(target)
             received.update(slices)

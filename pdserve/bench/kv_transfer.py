@@ -2,9 +2,10 @@
 
 gRPC: a KvTransfer server in a child process (as in a prefill engine rank) holds one
 staged request per size, staged as the connector does (into /dev/shm); this process
-fetches it with the real consumer code (chunks, hash verification, assembly into a
-tensor), so the figure is what a decode rank sees. Twice: ``grpc`` with the bytes over
-the socket (as between hosts), ``grpc-shm`` through the same-host shared-memory path.
+fetches it with the real consumer code (chunks, hash verification, assembly into the
+rank's reused receive buffer, then a scatter into a paged cache by block id), so the
+figure is what a decode rank sees. Twice: ``grpc`` with the bytes over the socket (as
+between hosts), ``grpc-shm`` through the same-host shared-memory path.
 NIXL: two agents (UCX backend) in this process; one WRITE of the same bytes per
 transfer, handle creation included (vLLM creates one per request). Both move host
 memory over loopback; both are timed from request to the last byte usable.
@@ -89,6 +90,7 @@ def serve_staged(port: int, sizes_mib: list[int]) -> None:
 
 
 def bench_grpc(port: int, sizes_mib: list[int], repeats: int, chunk_bytes: int) -> list[SizeResult]:
+    from pdserve.kv_transfer.chunks import ReceiveArena
     from pdserve.kv_transfer.grpc_client import ConsumerLayout, KvFetcher, SliceRequest
 
     child = subprocess.Popen(
@@ -102,6 +104,11 @@ def bench_grpc(port: int, sizes_mib: list[int], repeats: int, chunk_bytes: int) 
         if child.stdout.readline().strip() != "ready":
             raise RuntimeError("the KV transfer server did not start")
         layout = ConsumerLayout(torch.float32, _BLOCK, 64)
+        # As a decode rank: received KV lands in memory faulted in once (its arena, or
+        # in place in /dev/shm), then is scattered into the paged cache by block id, as
+        # the connector does; NIXL below writes into its registered destination directly.
+        arena = ReceiveArena(max_bytes=max(sizes_mib) * MIB)
+        cache = torch.zeros(max(sizes_mib) * MIB // _BLOCK_BYTES, _HEADS, _BLOCK, _ENTRY)
         results = []
         for name, shared in (("grpc", False), ("grpc-shm", True)):
             fetcher = KvFetcher(layout, timeout_s=300, shared_memory=shared)
@@ -109,8 +116,13 @@ def bench_grpc(port: int, sizes_mib: list[int], repeats: int, chunk_bytes: int) 
                 blocks = size * MIB // _BLOCK_BYTES
                 want = SliceRequest(f"size-{size}", 0, blocks, (0,), 0, _HEADS, chunk_bytes)
 
-                def fetch(want: SliceRequest = want, fetcher: KvFetcher = fetcher) -> None:
-                    fetcher.fetch(f"127.0.0.1:{port}", want)
+                def fetch(
+                    want: SliceRequest = want, fetcher: KvFetcher = fetcher, size: int = size
+                ) -> None:
+                    arena.reset(size * MIB)
+                    slices, _ = fetcher.fetch(f"127.0.0.1:{port}", want, arena)
+                    index = torch.arange(want.num_blocks)
+                    cache[index, 0:_HEADS] = slices[(0, 0, _HEADS)]
 
                 results.append(summarize(name, size * MIB, _time(fetch, repeats)))
         return results

@@ -10,6 +10,7 @@ import torch
 
 from pdserve.errors import KvIncompatibleError, KvIntegrityError, KvTransferError
 from pdserve.kv_transfer.chunks import (
+    ReceiveArena,
     SliceAssembler,
     WireChunk,
     decode_chunk,
@@ -278,3 +279,32 @@ def test_release_everything_frees_unread_copies(server: KvTransferServer) -> Non
     assert server.staging.totals() == (0, 0, 0)
     # A rank that does not answer (port + 1 here) is skipped, not an error.
     assert release_everything("127.0.0.1", server.port, 2, "unread", timeout_s=1) == 0
+
+
+def test_the_receive_arena_reuses_its_memory_and_never_overlaps() -> None:
+    arena = ReceiveArena(max_bytes=4096)
+    arena.reset(1024)
+    a = arena.take((4, 16), torch.float32)  # 256 bytes
+    b = arena.take((8, 8), torch.float32)
+    assert a.data_ptr() + 256 == b.data_ptr()  # carved in order, no overlap
+    big = arena.take((1024,), torch.float32)  # over what is left: private memory
+    assert not (arena._buffer.data_ptr() <= big.data_ptr() < arena._buffer.data_ptr() + 1024)
+    arena.reset(512)  # smaller: the same buffer again
+    assert arena.take((4, 16), torch.float32).data_ptr() == a.data_ptr()
+    arena.reset(8192)  # over max_bytes: not grown
+    assert len(arena._buffer) == 1024
+
+
+def test_slices_assemble_into_the_arena() -> None:
+    arena = ReceiveArena()
+    arena.reset(2 * 3 * 2 * BLOCK * 2 * HEAD * 4)
+    asm = SliceAssembler(3, BLOCK, torch.float32, arena)
+    tensors = {layer: kv(3, 2, seed=layer) for layer in (0, 1)}
+    for layer, tensor in tensors.items():
+        for chunk in slice_chunks(layer, 0, tensor, 1000):
+            asm.add(decode_chunk(encode_chunk(chunk)))
+    got = asm.complete_slices()
+    for layer, tensor in tensors.items():
+        assert torch.equal(got[(layer, 0, 2)], tensor)
+        start = got[(layer, 0, 2)].data_ptr() - arena._buffer.data_ptr()
+        assert 0 <= start < len(arena._buffer)

@@ -12,6 +12,7 @@ import torch
 
 from pdserve.errors import KvIntegrityError, KvTransferError
 from pdserve.kv_transfer import chunks, shm
+from pdserve.kv_transfer.chunks import ReceiveArena
 from pdserve.kv_transfer.grpc_client import ConsumerLayout, KvFetcher, SliceRequest
 from pdserve.kv_transfer.grpc_server import KvTransferServer
 from pdserve.kv_transfer.staging import Staging
@@ -182,3 +183,19 @@ def test_staging_leaves_headroom_in_dev_shm(monkeypatch: pytest.MonkeyPatch) -> 
         shm.SharedBuffer(4096)
     layers, buffer = shm.BlockStager(shared=True).stage({0: kv(2, 1, seed=6)}, torch.tensor([1]))
     assert buffer is None and torch.equal(layers[0], kv(2, 1, seed=6)[[1]])
+
+
+def test_shared_slices_are_read_in_place_and_private_to_the_consumer(
+    server: KvTransferServer,
+) -> None:
+    want_all = stage(server, "req")
+    arena = ReceiveArena()
+    arena.reset(1 << 20)
+    want = SliceRequest("req", 0, 2, (0,), 0, 2, 4096)
+    slices, _ = fetcher().fetch(f"127.0.0.1:{server.port}", want, arena)
+    got = slices[(0, 0, 2)]
+    assert torch.equal(got, want_all[0])
+    assert arena.take((1,), torch.uint8).data_ptr() == arena._buffer.data_ptr()  # unused
+    got.add_(1.0)  # the consumer's own copy-on-write pages, never the producer's staging
+    entry = server.staging.get("req")
+    assert entry is not None and torch.equal(entry.layers[0], want_all[0])
