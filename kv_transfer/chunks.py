@@ -211,6 +211,7 @@ class SliceAssembler:
         self._slices: dict[tuple[int, int, int], _Slice] = {}
         self._shm = ShmReader()
         self.bytes_received = 0
+        self.shm_bytes_received = 0
 
     def add(self, chunk: WireChunk) -> None:
         head, data = chunk.header, chunk.payload
@@ -230,6 +231,8 @@ class SliceAssembler:
             part.raw[head.offset : end] = np.frombuffer(data, dtype=np.uint8)
         part.received += len(data)
         self.bytes_received += len(data)
+        if head.shm_name:
+            self.shm_bytes_received += len(data)
 
     def _new_slice(self, key: tuple[int, int, int], head: pb.KvChunk) -> _Slice:
         shape = (self.num_blocks, head.head_count, self.block_size, head.entry_elems)

@@ -33,6 +33,15 @@ class SliceRequest:
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """One fetch's slices, keyed (layer, head_start, head_count), and what it moved."""
+
+    slices: dict[tuple[int, int, int], torch.Tensor]
+    nbytes: int
+    shm_nbytes: int  # the part read from the producer's /dev/shm (ADR 0015)
+
+
+@dataclass(frozen=True)
 class ConsumerLayout:
     dtype: torch.dtype
     block_size: int
@@ -97,11 +106,9 @@ class KvFetcher:
                 self._channels[target] = channel
             return channel
 
-    def fetch(
-        self, target: str, want: SliceRequest, arena: ReceiveArena | None = None
-    ) -> tuple[dict[tuple[int, int, int], torch.Tensor], int]:
-        """Slices keyed (layer, head_start, head_count), and the bytes received.
-        ``arena``: where the slices go (views valid until its next reset).
+    def fetch(self, target: str, want: SliceRequest, arena: ReceiveArena | None = None) -> Fetched:
+        """The slices, verified. ``arena``: where streamed slices go (views valid until
+        its next reset).
 
         Raises KvIntegrityError on a checksum failure, KvIncompatibleError when the
         producer refuses the layout, KvTransferError for anything else.
@@ -130,7 +137,9 @@ class KvFetcher:
                 raise KvIncompatibleError(e.details() or "KV layout mismatch") from e
             problem = handshake_problem(e, self.tls) or f"{e.code().name}: {e.details()}"
             raise KvTransferError(f"KV fetch from {target} failed: {problem}") from e
-        return assembler.complete_slices(), assembler.bytes_received
+        return Fetched(
+            assembler.complete_slices(), assembler.bytes_received, assembler.shm_bytes_received
+        )
 
     def release(self, target: str, want: SliceRequest) -> bool:
         """Confirm delivery so the producer frees its copy. Best effort: the lease backs it."""

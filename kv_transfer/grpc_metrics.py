@@ -33,6 +33,7 @@ def merge(stats: Sequence[pb.KvTransferStats]) -> pb.KvTransferStats:
     for s in stats:
         total.bytes_sent += s.bytes_sent
         total.bytes_received += s.bytes_received
+        total.shm_bytes_received += s.shm_bytes_received
         total.staged_blocks += s.staged_blocks
         total.staged_bytes += s.staged_bytes
         total.staged_requests += s.staged_requests
@@ -85,6 +86,12 @@ def families(role: str, s: pb.KvTransferStats) -> list[Metric]:
             names.KV_TRANSFER_BYTES_RECEIVED,
             "KV payload bytes received from prefill workers.",
             s.bytes_received,
+        ),
+        counter(
+            names.KV_TRANSFER_SHM_BYTES_RECEIVED,
+            "The part of the KV bytes received that was read from a same-host prefill "
+            "worker's /dev/shm instead of the socket (ADR 0015).",
+            s.shm_bytes_received,
         ),
         gauge(
             names.KV_TRANSFER_STAGED_BLOCKS,

@@ -19,6 +19,7 @@ class TransferStats:
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.shm_bytes_received = 0
         self.lease_expirations = 0
         self.transfers = 0
         self.failures: Counter[str] = Counter()
@@ -30,9 +31,10 @@ class TransferStats:
         with self._lock:
             self.bytes_sent += nbytes
 
-    def received(self, nbytes: int, seconds: float) -> None:
+    def received(self, nbytes: int, seconds: float, shm_nbytes: int = 0) -> None:
         with self._lock:
             self.bytes_received += nbytes
+            self.shm_bytes_received += shm_nbytes
             self.transfers += 1
             self._counts[bisect.bisect_left(self._bounds, seconds)] += 1
             self._latency_sum += seconds
@@ -55,6 +57,7 @@ class TransferStats:
             return pb.KvTransferStats(
                 bytes_sent=self.bytes_sent,
                 bytes_received=self.bytes_received,
+                shm_bytes_received=self.shm_bytes_received,
                 staged_blocks=blocks,
                 staged_bytes=nbytes,
                 staged_requests=requests,

@@ -295,7 +295,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
         for spec in meta.loads:
             started = time.monotonic()
             try:
-                nbytes = self._load(spec)
+                nbytes, shm_nbytes = self._load(spec)
             except Exception as e:
                 assert self._server is not None
                 self._server.stats.failed(failure_reason(e))
@@ -303,9 +303,10 @@ class GrpcKvConnector(KVConnectorBase_V1):
                 log.error("KV load for request %s failed: %s", spec.request_id, e)
                 continue
             assert self._server is not None
-            self._server.stats.received(nbytes, time.monotonic() - started)
+            self._server.stats.received(nbytes, time.monotonic() - started, shm_nbytes)
 
-    def _load(self, spec: LoadSpec) -> int:
+    def _load(self, spec: LoadSpec) -> tuple[int, int]:
+        """Fetch, check and store one request's KV; returns (bytes, of which via shm)."""
         assert self._fetcher is not None
         want = SliceRequest(
             request_id=spec.remote_request_id,
@@ -318,17 +319,18 @@ class GrpcKvConnector(KVConnectorBase_V1):
         )
         received: dict[tuple[int, int, int], torch.Tensor] = {}
         sources = []
-        nbytes = 0
+        nbytes = shm_nbytes = 0
         # Every layer's share of this rank's cache for the request's blocks.
         row_bytes = sum(kv[0].numel() * kv.element_size() for kv in self._kv.values())
         self._arena.reset(row_bytes * want.num_blocks)
         for rank in range(spec.remote_ranks):
             target = f"{spec.remote_host}:{spec.remote_port + rank}"
-            slices, n = self._fetcher.fetch(target, want, self._arena)
-            if slices:
+            got = self._fetcher.fetch(target, want, self._arena)
+            if got.slices:
                 sources.append(target)
-            received.update(slices)
-            nbytes += n
+            received.update(got.slices)
+            nbytes += got.nbytes
+            shm_nbytes += got.shm_nbytes
         self._check_coverage(received)
         index = torch.tensor(spec.local_block_ids, dtype=torch.long)
         for (layer, head_start, head_count), data in received.items():
@@ -336,7 +338,7 @@ class GrpcKvConnector(KVConnectorBase_V1):
             self._kv[layer][index, lo : lo + head_count] = data
         for target in sources:
             self._fetcher.release(target, want)
-        return nbytes
+        return nbytes, shm_nbytes
 
     def _check_coverage(self, received: dict[tuple[int, int, int], torch.Tensor]) -> None:
         from pdserve.errors import KvTransferError

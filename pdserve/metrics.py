@@ -68,6 +68,7 @@ WORKER_KV_TRANSFER_BYTES = "pdserve_worker_kv_transfer_bytes_total"
 # The grpc KV transport (kv_transfer/): counted in the engine ranks, exported by the worker.
 KV_TRANSFER_BYTES_SENT = "pdserve_kv_transfer_bytes_sent_total"
 KV_TRANSFER_BYTES_RECEIVED = "pdserve_kv_transfer_bytes_received_total"
+KV_TRANSFER_SHM_BYTES_RECEIVED = "pdserve_kv_transfer_shm_bytes_received_total"
 KV_TRANSFER_DURATION = "pdserve_kv_transfer_duration_seconds"
 KV_TRANSFER_FAILURES = "pdserve_kv_transfer_failures_total"
 KV_TRANSFER_STAGED_BLOCKS = "pdserve_kv_transfer_staged_blocks"

@@ -120,9 +120,9 @@ def bench_grpc(port: int, sizes_mib: list[int], repeats: int, chunk_bytes: int) 
                     want: SliceRequest = want, fetcher: KvFetcher = fetcher, size: int = size
                 ) -> None:
                     arena.reset(size * MIB)
-                    slices, _ = fetcher.fetch(f"127.0.0.1:{port}", want, arena)
+                    got = fetcher.fetch(f"127.0.0.1:{port}", want, arena)
                     index = torch.arange(want.num_blocks)
-                    cache[index, 0:_HEADS] = slices[(0, 0, _HEADS)]
+                    cache[index, 0:_HEADS] = got.slices[(0, 0, _HEADS)]
 
                 results.append(summarize(name, size * MIB, _time(fetch, repeats)))
         return results

@@ -183,7 +183,9 @@ def test_fetch_head_window_and_release(server: KvTransferServer) -> None:
     addr = f"127.0.0.1:{server.port}"
     # A consumer TP rank owning head 1 and only layer 4, blocks 1..3.
     want = SliceRequest("req", 1, 3, (4,), head_start=1, head_count=1, chunk_bytes=500)
-    slices, nbytes = fetcher.fetch(addr, want)
+    got = fetcher.fetch(addr, want)
+    slices, nbytes = got.slices, got.nbytes
+    assert got.shm_nbytes == 0  # staged in private memory: streamed
     assert list(slices) == [(4, 1, 1)]
     assert torch.equal(slices[(4, 1, 1)], layers[4][1:4, 1:2])
     assert nbytes == 3 * BLOCK * 2 * HEAD * 4
@@ -219,7 +221,7 @@ def test_injected_fault_is_caught_by_the_consumer(server: KvTransferServer) -> N
     want = SliceRequest("req", 0, 2, (0,), 0, 1, 1024)
     with pytest.raises(KvIntegrityError):
         fetcher.fetch(addr, want)
-    slices, _ = fetcher.fetch(addr, want)  # the next read is clean
+    slices = fetcher.fetch(addr, want).slices  # the next read is clean
     assert torch.equal(slices[(0, 0, 1)], server.staging.get("req").layers[0])  # type: ignore[union-attr]
 
 

@@ -62,10 +62,11 @@ def test_same_host_fetch_reads_the_file_and_release_unlinks_it(
     path = shm.SHM_DIR / entry.buffer.name
     addr = f"127.0.0.1:{server.port}"
     want = SliceRequest("req", 0, 2, (0, 1), 0, 2, 1000)
-    slices, nbytes = fetcher().fetch(addr, want)
+    got = fetcher().fetch(addr, want)
     for layer in (0, 1):
-        assert torch.equal(slices[(layer, 0, 2)], want_all[layer])
-    assert nbytes == 2 * want_all[0].numel() * 4
+        assert torch.equal(got.slices[(layer, 0, 2)], want_all[layer])
+    nbytes = 2 * want_all[0].numel() * 4
+    assert got.nbytes == got.shm_nbytes == nbytes
     assert shm_reads.reads == -(-want_all[0].numel() * 4 // 1000) * 2  # every chunk
     assert server.stats.bytes_sent == nbytes
     assert fetcher().release(addr, want)
@@ -78,9 +79,9 @@ def test_a_consumer_that_opts_out_gets_the_bytes_over_the_socket(
 ) -> None:
     want_all = stage(server, "req")
     want = SliceRequest("req", 0, 2, (1,), 0, 2, 4096)
-    slices, _ = fetcher(shared_memory=False).fetch(f"127.0.0.1:{server.port}", want)
-    assert torch.equal(slices[(1, 0, 2)], want_all[1])
-    assert shm_reads.reads == 0
+    got = fetcher(shared_memory=False).fetch(f"127.0.0.1:{server.port}", want)
+    assert torch.equal(got.slices[(1, 0, 2)], want_all[1])
+    assert shm_reads.reads == 0 and got.shm_nbytes == 0 < got.nbytes
 
 
 def test_a_head_window_of_shared_staging_is_streamed(
@@ -88,7 +89,7 @@ def test_a_head_window_of_shared_staging_is_streamed(
 ) -> None:
     want_all = stage(server, "req")
     want = SliceRequest("req", 0, 2, (0,), 1, 1, 4096)  # head 1 of 2: not contiguous
-    slices, _ = fetcher().fetch(f"127.0.0.1:{server.port}", want)
+    slices = fetcher().fetch(f"127.0.0.1:{server.port}", want).slices
     assert torch.equal(slices[(0, 1, 1)], want_all[0][:, 1:2])
     assert shm_reads.reads == 0
 
@@ -101,7 +102,7 @@ def test_an_injected_fault_is_caught_and_the_staged_copy_stays_clean(
     want = SliceRequest("req", 0, 2, (0,), 0, 2, 4096)
     with pytest.raises(KvIntegrityError):
         fetcher().fetch(f"127.0.0.1:{server.port}", want)
-    slices, _ = fetcher().fetch(f"127.0.0.1:{server.port}", want)
+    slices = fetcher().fetch(f"127.0.0.1:{server.port}", want).slices
     assert torch.equal(slices[(0, 0, 2)], want_all[0])
     assert shm_reads.reads > 0
 
@@ -192,7 +193,7 @@ def test_shared_slices_are_read_in_place_and_private_to_the_consumer(
     arena = ReceiveArena()
     arena.reset(1 << 20)
     want = SliceRequest("req", 0, 2, (0,), 0, 2, 4096)
-    slices, _ = fetcher().fetch(f"127.0.0.1:{server.port}", want, arena)
+    slices = fetcher().fetch(f"127.0.0.1:{server.port}", want, arena).slices
     got = slices[(0, 0, 2)]
     assert torch.equal(got, want_all[0])
     assert arena.take((1,), torch.uint8).data_ptr() == arena._buffer.data_ptr()  # unused

@@ -186,7 +186,7 @@ def test_kv_fetch_over_mtls(ca: ThrowawayCa, kv_server: KvTransferServer) -> Non
     tensor = _stage(kv_server, "req")
     fetcher = KvFetcher(ConsumerLayout(torch.float32, BLOCK, HEAD), 10, ca.issue("d0"))
     want = SliceRequest("req", 0, 2, (0,), 0, 1, 1024)
-    slices, _ = fetcher.fetch(f"127.0.0.1:{kv_server.port}", want)
+    slices = fetcher.fetch(f"127.0.0.1:{kv_server.port}", want).slices
     assert torch.equal(slices[(0, 0, 1)], tensor)
     assert fetcher.release(f"127.0.0.1:{kv_server.port}", want)
     assert kv_server.staging.totals() == (0, 0, 0)

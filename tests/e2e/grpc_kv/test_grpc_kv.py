@@ -79,6 +79,11 @@ def test_tokens_identical_to_plain_vllm(grpc_cluster: Cluster, reference: Refere
         before, source, source="external_kv_transfer"
     )
     assert received > 0
+    # Same host: all of it was read from the prefill worker's /dev/shm (ADR 0015).
+    shm_received = metric(after, "pdserve_kv_transfer_shm_bytes_received_total") - metric(
+        before, "pdserve_kv_transfer_shm_bytes_received_total"
+    )
+    assert shm_received == received
     assert external >= 1000, external
     assert metric(after, "pdserve_kv_transfer_failures_total") == metric(
         before, "pdserve_kv_transfer_failures_total"
