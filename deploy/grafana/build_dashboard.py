@@ -241,6 +241,10 @@ def kv_transfer() -> list[Any]:
                     f"sum by (role) ({rate('pdserve_kv_transfer_bytes_sent_total')})",
                     "sent {{role}}",
                 ),
+                query(
+                    f"sum by (role) ({rate('pdserve_kv_transfer_shm_bytes_received_total')})",
+                    "received via /dev/shm {{role}}",
+                ),
             ],
         ),
         series(
