@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pdserve.kv_transfer.metadata import KV_HANDLE_FORMAT_VERSION
-from pdserve.kv_transfer.shm import SHM_DIR
+from pdserve.kv_transfer.shm import SHM_DIR, SharedBuffer
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import kv_transfer_pb2 as kvpb
 from pdserve.v1 import kv_transfer_pb2_grpc as kvgrpc
@@ -36,6 +36,16 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def dev_shm_has_room() -> bool:
+    """Whether workers here can stage KV in /dev/shm (a small container /dev/shm cannot:
+    they then fall back to private memory and the socket, which the tests check instead)."""
+    try:
+        SharedBuffer(16 << 20).release()
+    except OSError:
+        return False
+    return True
 
 
 def scrape(cluster: Cluster, worker: str) -> str:
@@ -83,7 +93,7 @@ def test_tokens_identical_to_plain_vllm(grpc_cluster: Cluster, reference: Refere
     shm_received = metric(after, "pdserve_kv_transfer_shm_bytes_received_total") - metric(
         before, "pdserve_kv_transfer_shm_bytes_received_total"
     )
-    assert shm_received == received
+    assert shm_received == (received if dev_shm_has_room() else 0)
     assert external >= 1000, external
     assert metric(after, "pdserve_kv_transfer_failures_total") == metric(
         before, "pdserve_kv_transfer_failures_total"
@@ -115,7 +125,7 @@ def test_staged_kv_is_freed_when_the_lease_runs_out(grpc_cluster: Cluster) -> No
     assert staged >= len(handle.block_ids) > 0
     # Staged in /dev/shm (same-host workers, ADR 0015), and unlinked with the lease below.
     staged_files = set(SHM_DIR.glob("pdserve-kv-*")) - files_before
-    assert staged_files
+    assert bool(staged_files) == dev_shm_has_room()
     started = time.monotonic()
     while time.monotonic() - started < LEASE_S + 5:
         text = scrape(grpc_cluster, "prefill-0")
