@@ -42,7 +42,7 @@ def dev_shm_has_room() -> bool:
     """Whether workers here can stage KV in /dev/shm (a small container /dev/shm cannot:
     they then fall back to private memory and the socket, which the tests check instead)."""
     try:
-        SharedBuffer(16 << 20).release()
+        SharedBuffer(1 << 20).release()
     except OSError:
         return False
     return True
