@@ -34,6 +34,7 @@ NOT_YET_EXPORTED_OK = {
     # --kv-transport grpc only (this cluster uses NIXL)
     "pdserve_kv_transfer_bytes_sent_total",
     "pdserve_kv_transfer_bytes_received_total",
+    "pdserve_kv_transfer_shm_bytes_received_total",
     "pdserve_kv_transfer_duration_seconds_bucket",
     "pdserve_kv_transfer_lease_expirations_total",
 }
