@@ -1,6 +1,7 @@
 """One real cluster for the chaos suite: a router and 1 prefill + 2 decode workers on the
 tiny model (eager engines), each its own process group so a test can SIGKILL, SIGSTOP
-or SIGTERM exactly one worker (with its engine-core process). Ports 34000-34999.
+or SIGTERM exactly one worker (with its engine-core process). Ports 20000-20999, below
+the ephemeral range (32768+), so that no outgoing connection can take one.
 
 Start-up: three engines starting together, about 2 minutes on 2 cores (seconds with
 ``PDSERVE_CHAOS_TOY=1``: toy workers, no engines). Workers that a
@@ -28,7 +29,7 @@ from pdserve.models import resolve_model
 from tests.e2e import processes
 from tests.e2e.prompts import MAX_MODEL_LEN, SERVED_NAME
 
-HTTP_PORT, GRPC_PORT = 34000, 34001
+HTTP_PORT, GRPC_PORT = 20000, 20001
 ROUTER = f"http://127.0.0.1:{HTTP_PORT}"
 # Router settings the assertions depend on.
 CHECK_TIMEOUT_S = 1.0
@@ -144,7 +145,7 @@ class ChaosCluster:
 
 
 def _worker(name: str, role: str, index: int, model: Path, log_dir: Path) -> Worker:
-    port, metrics_port, kv_port = 34100 + index, 34200 + index, 34300 + 10 * index
+    port, metrics_port, kv_port = 20100 + index, 20200 + index, 20300 + 10 * index
     if TOY:
         argv = [
             processes.PYTHON, "-m", "tests.chaos.toy_worker",

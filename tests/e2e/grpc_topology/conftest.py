@@ -8,7 +8,7 @@
 
 One cluster at a time (the fixture is parametrized: pytest stops one shape before it
 starts the next); 4 engine ranks on 2 cores start in about 2 minutes each.
-Ports 32300-32999 and 26000-26999.
+Ports 23000-23999 and 26000-26999 (below the ephemeral range).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.e2e.conftest import Cluster, Reference, run_cluster
 
 # (label, pool flags, base port)
 SHAPES = [
-    ("pp2-tp2", ["--prefill-pp", "2", "--decode-tp", "2"], 32300),
+    ("pp2-tp2", ["--prefill-pp", "2", "--decode-tp", "2"], 23000),
     ("tp2-pp2", ["--prefill-tp", "2", "--decode-pp", "2"], 26000),
 ]
 

@@ -2,8 +2,8 @@
 
 Cost on 2 cores: the cluster's start-up (two engines, about 85 s) plus one more decode
 engine started under load (about 60 s) and its drain; about 3-4 minutes in all.
-Ports: 35000-35999 (HTTP 35000, gRPC 35051, control 35052, workers 35100+, metrics
-35200+, KV 35600+).
+Ports: 21000-21999 (HTTP 21000, gRPC 21051, control 21052, workers 21100+, metrics
+21200+, KV 21600+; below 32768: no ephemeral port can take one).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.conftest import Cluster, Reference, run_cluster
 
-BASE_PORT = 35000
+BASE_PORT = 21000
 CONTROL_PORT = BASE_PORT + 52  # run_cluster's --control-port
 METRICS_BASE_PORT = BASE_PORT + 200
 
