@@ -25,7 +25,7 @@ import torch
 import xxhash
 
 from pdserve.errors import KvIntegrityError, KvTransferError
-from pdserve.kv_transfer.shm import ShmReader
+from pdserve.kv_transfer.shm import ShmReader, tensor_nbytes
 from pdserve.v1 import kv_transfer_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -174,7 +174,7 @@ class ReceiveArena:
             self._buffer = torch.zeros(expected_bytes, dtype=torch.uint8)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        nbytes = tensor_nbytes(shape, dtype)
         if self._used + nbytes > len(self._buffer):
             return torch.empty(shape, dtype=dtype)
         view = self._buffer[self._used : self._used + nbytes]
@@ -236,7 +236,7 @@ class SliceAssembler:
 
     def _new_slice(self, key: tuple[int, int, int], head: pb.KvChunk) -> _Slice:
         shape = (self.num_blocks, head.head_count, self.block_size, head.entry_elems)
-        nbytes = int(torch.Size(shape).numel()) * self.dtype.itemsize
+        nbytes = tensor_nbytes(shape, self.dtype)
         if nbytes != head.slice_bytes:
             raise KvTransferError(
                 f"KV slice of layer {head.layer} has {head.slice_bytes} bytes, "

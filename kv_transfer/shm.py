@@ -3,14 +3,14 @@
 A producer rank stages a request's KV in a file under /dev/shm instead of private memory
 (the same one copy out of the paged cache). When a consumer that can open that file asks
 (its ``host_token`` equals the producer's), ``Fetch`` streams chunk *descriptors* (file,
-offset, length, XXH3 hash) instead of chunk bytes; the consumer maps the file read-only,
-checks each hash and copies the bytes into its tensor. The gRPC stream, the hashes, the
-leases and Release are unchanged; only the payload no longer crosses a socket.
+offset, length, XXH3 hash) instead of chunk bytes; the consumer maps the file privately
+(copy-on-write), checks each hash and uses the bytes in place. The gRPC stream, the
+hashes, the leases and Release are unchanged; only the payload no longer crosses a socket.
 
 Ownership: the producer creates and unlinks every file (when the staged copy is freed:
 confirmed, dropped, expired, or the server stops); a consumer only maps it for the
 duration of one fetch. Mappings outlive an unlink, so a consumer mid-read is never cut
-short. Files are 0600 and named ``pdserve-kv-<pid namespace>-<pid>-<n>``; a starting
+short. Files are 0600 and named ``pdserve-kv-<pid namespace>-<pid>-<random>``; a starting
 server removes the files of dead processes of its own pid namespace (a crashed engine).
 """
 
@@ -37,6 +37,11 @@ _PREFIX = "pdserve-kv-"
 # Staged KV never takes /dev/shm below this much free space: vLLM's rank queues, UCX and
 # torch also live there, and they fail hard where staged KV would just use the heap.
 HEADROOM_FRACTION = 0.25
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a contiguous tensor of ``shape`` in ``dtype``."""
+    return int(torch.Size(shape).numel()) * dtype.itemsize
 
 
 @cache
@@ -122,8 +127,7 @@ class BlockStager:
             return _private_copy(sources, index), None
         shapes = {layer: (len(index), *kv.shape[1:]) for layer, kv in sources.items()}
         sizes = {
-            layer: sources[layer].element_size() * int(torch.Size(shape).numel())
-            for layer, shape in shapes.items()
+            layer: tensor_nbytes(shape, sources[layer].dtype) for layer, shape in shapes.items()
         }
         try:
             buffer = SharedBuffer(sum(sizes.values()))
@@ -161,23 +165,19 @@ class ShmReader:
         self._maps: dict[str, mmap.mmap] = {}
 
     def view(self, name: str, offset: int, nbytes: int) -> memoryview:
-        mapped = self._map(name)
-        if offset + nbytes > len(mapped):
-            raise KvTransferError(f"KV chunk overruns shared-memory file {name}")
-        return memoryview(mapped)[offset : offset + nbytes]
+        return memoryview(self._map(name, offset + nbytes))[offset : offset + nbytes]
 
     def tensor(
         self, name: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
         """Bytes ``offset``.. of the file as a tensor, without copying them."""
-        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
-        mapped = self._map(name)
-        if offset + nbytes > len(mapped):
-            raise KvTransferError(f"KV slice overruns shared-memory file {name}")
+        nbytes = tensor_nbytes(shape, dtype)
+        mapped = self._map(name, offset + nbytes)
         flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
         return flat.view(dtype).view(shape)
 
-    def _map(self, name: str) -> mmap.mmap:
+    def _map(self, name: str, end: int) -> mmap.mmap:
+        """The file's mapping (made once per fetch), which must hold ``end`` bytes."""
         if not name.startswith(_PREFIX) or "/" in name:
             raise KvTransferError(f"producer named an unexpected shared-memory file {name!r}")
         buf = self._maps.get(name)
@@ -193,6 +193,8 @@ class ShmReader:
             finally:
                 os.close(fd)
             self._maps[name] = buf
+        if end > len(buf):
+            raise KvTransferError(f"KV chunk overruns shared-memory file {name}")
         return buf
 
 

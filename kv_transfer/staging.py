@@ -102,7 +102,7 @@ class Staging:
             wanted = set(layers) or set(entry.layers)
             heads = range(head_start, head_start + head_count)
             entry.confirmed |= {c for c in entry.cells() if c[0] in wanted and c[1] in heads}
-            if entry.confirmed < entry.cells():
+            if not entry.confirmed >= entry.cells():
                 return True, False
             del self._entries[request_id]
         _free(entry)
