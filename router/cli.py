@@ -30,18 +30,16 @@ from pdserve.cli_options import (
 from pdserve.config import (
     AdmissionConfig,
     AuthConfig,
-    DisaggregationMode,
     DiscoveryConfig,
     DiscoveryMode,
     HealthConfig,
-    PolicyConfig,
     RayConfig,
     RetryConfig,
     RouterConfig,
-    SchedulingConfig,
 )
 from pdserve.errors import ConfigError
 from pdserve.models import DEFAULT_MODEL
+from pdserve.scheduling_config import DisaggregationMode, PolicyConfig, SchedulingConfig
 
 
 def read_config_file(config_file: Path | None) -> dict[str, object]:

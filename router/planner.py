@@ -13,13 +13,14 @@ import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from pdserve.config import DisaggregationConfig, DisaggregationMode, Role
+from pdserve.config import Role
 from pdserve.errors import NoCapacityError
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.scheduling.cost import TransferCostModel
 from pdserve.router.scheduling.policy import Pick, Policy
 from pdserve.router.scheduling.request import SchedulingRequest
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.scheduling_config import DisaggregationConfig, DisaggregationMode
 
 
 class Mode(enum.StrEnum):

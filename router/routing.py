@@ -8,7 +8,6 @@ import logging
 import random
 from urllib.parse import urlsplit
 
-from pdserve.config import SchedulingConfig
 from pdserve.errors import ConfigError
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.kv_index.hashing import BlockHasher
@@ -20,6 +19,7 @@ from pdserve.router.planner import Planner
 from pdserve.router.scheduling.cost import TransferCostModel
 from pdserve.router.scheduling.policy import PolicyDeps, build_policy
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.scheduling_config import SchedulingConfig
 from pdserve.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)

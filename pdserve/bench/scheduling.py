@@ -20,17 +20,17 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from pdserve.config import (
-    DisaggregationConfig,
-    DisaggregationMode,
-    PolicyConfig,
-    Role,
-    SchedulingConfig,
-)
+from pdserve.config import Role
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.kv_index.hashing import BlockHasher
 from pdserve.router.routing import Routing
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.scheduling_config import (
+    DisaggregationConfig,
+    DisaggregationMode,
+    PolicyConfig,
+    SchedulingConfig,
+)
 from pdserve.v1 import worker_pb2 as pb
 
 BLOCK_SIZE = 16

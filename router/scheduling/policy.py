@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pdserve.config import PolicyConfig
 from pdserve.errors import ConfigError, NoCapacityError
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.kv_index.lookup import PrefixLookup
@@ -41,6 +40,7 @@ from pdserve.router.scheduling.scorers import (
     TransferCostScorer,
 )
 from pdserve.router.workers import WorkerClient
+from pdserve.scheduling_config import PolicyConfig
 
 MAX_LOAD_CACHE = 16384
 

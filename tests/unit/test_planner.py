@@ -8,7 +8,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdserve.config import DisaggregationConfig, DisaggregationMode, PolicyConfig, Role
+from pdserve.config import Role
 from pdserve.errors import ConfigError, NoCapacityError
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.kv_index.hashing import BlockHasher
@@ -17,6 +17,7 @@ from pdserve.router.kv_index.lookup import EventPrefixLookup
 from pdserve.router.planner import DisaggregationDecider, Mode, Planner
 from pdserve.router.scheduling.policy import Pick, PolicyDeps, build_policy, make_policy
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.scheduling_config import DisaggregationConfig, DisaggregationMode, PolicyConfig
 from pdserve.v1 import worker_pb2 as pb
 
 # The tiny model's layout: 4 layers x 2 KV heads x 32 dims x fp32 = 2 KiB of KV per token.

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import CollectorRegistry
 
-from pdserve.config import Role, SchedulingConfig
+from pdserve.config import Role
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.load_watch import LoadWatcher
 from pdserve.router.routing import Routing, event_source
 from pdserve.router.workers import WorkerClient, WorkerPool
+from pdserve.scheduling_config import SchedulingConfig
 from pdserve.v1 import worker_pb2 as pb
 from tests.unit.fake_worker import FakeWorker, serve_fake
 
@@ -156,13 +157,13 @@ async def test_http_route_header_and_session_affinity() -> None:
     """The real router app over gRPC to three fake workers (1 prefill, 2 decode)."""
     import httpx
 
-    from pdserve.config import PolicyConfig
     from pdserve.metrics import RouterMetrics
     from pdserve.models import resolve_model
     from pdserve.router.api.grpc import InferenceServicer
     from pdserve.router.api.http import build_http_app
     from pdserve.router.service import GenerationService
     from pdserve.router.tokenize import PromptTokenizer
+    from pdserve.scheduling_config import PolicyConfig
     from pdserve.v1 import common_pb2 as cpb
     from pdserve.v1 import inference_pb2 as ipb
     from pdserve.v1 import inference_pb2_grpc

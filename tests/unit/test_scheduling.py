@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pdserve.config import PolicyConfig, Role, SchedulingConfig
+from pdserve.config import Role
 from pdserve.errors import ConfigError
 from pdserve.metrics import RoutingMetrics
 from pdserve.router.kv_index.hashing import BlockHasher
@@ -33,6 +33,7 @@ from pdserve.router.scheduling.scorers import (
     SessionAffinityScorer,
     TransferCostScorer,
 )
+from pdserve.scheduling_config import PolicyConfig, SchedulingConfig
 from pdserve.v1 import worker_pb2 as pb
 from tests.unit.test_planner import LAYOUT, fake
 
