@@ -6,16 +6,12 @@ import time
 from typing import Any
 
 from pdserve.errors import InvalidRequestError, KvIncompatibleError, KvTransferError
-from pdserve.kv_transfer.base import KvTransport
+from pdserve.kv_transfer.base import CONSUMER_GRACE_S, KvTransport
 from pdserve.kv_transfer.metadata import KvLayout
 from pdserve.kv_transfer.wire import handle_from_proto
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.worker.sampling import to_vllm
-
-# How long past its lease a decode request may still wait for its KV: the prefill side
-# may free the blocks once the lease ends, so waiting much longer only hides a hang.
-KV_WAIT_GRACE_S = 10.0
 
 
 class DecodeStage:
@@ -48,4 +44,4 @@ class DecodeStage:
     def kv_wait_s(handle_msg: pb.KvHandle) -> float:
         """Seconds this request may wait for its first output (its KV): the lease plus grace."""
         left_s = handle_msg.lease_deadline_unix_ms / 1000 - time.time()
-        return max(left_s, 0.0) + KV_WAIT_GRACE_S
+        return max(left_s, 0.0) + CONSUMER_GRACE_S

@@ -8,7 +8,10 @@ the transport translates between those parameters and pdserve's versioned ``KvHa
 Ownership and lifetime: after a prefill finishes, the producer engine owns the KV blocks
 until the consumer has read them, the request is aborted, or the lease
 (``lease_s``, counted from the end of the prefill) runs out, whichever comes first. The
-consumer never frees producer blocks directly.
+consumer never frees producer blocks directly. A consumer may still be waiting for the KV
+up to ``CONSUMER_GRACE_S`` past the lease (then it gives up); a producer that cannot
+refuse a late read itself (NIXL: the consumer reads its memory directly) keeps the
+blocks ``PRODUCER_HOLD_MARGIN_S`` beyond that, so a read never sees reused blocks.
 
 Errors: a handle whose layout the consumer cannot use raises ``KvIncompatibleError``
 before any byte moves; a transfer that fails raises ``KvTransferError`` (the engine is
@@ -23,6 +26,13 @@ from typing import Any, ClassVar
 
 from pdserve.config import Role
 from pdserve.kv_transfer.metadata import KV_HANDLE_FORMAT_VERSION, KvLayout
+
+# How long past its lease a decode request may still wait for its KV: the producer may
+# free the blocks once the lease ends, so waiting much longer only hides a hang.
+CONSUMER_GRACE_S = 10.0
+# How much longer than the consumer's wait a producer keeps blocks a consumer reads
+# directly (one-sided reads cannot be refused once the lease is over).
+PRODUCER_HOLD_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,12 @@ from typing import Any
 
 from pdserve.config import Role
 from pdserve.errors import KvIncompatibleError, KvTransferError
-from pdserve.kv_transfer.base import KvHandle, KvTransport
+from pdserve.kv_transfer.base import (
+    CONSUMER_GRACE_S,
+    PRODUCER_HOLD_MARGIN_S,
+    KvHandle,
+    KvTransport,
+)
 from pdserve.kv_transfer.metadata import KvLayout
 
 _MODELLED = {
@@ -39,8 +44,13 @@ class NixlTransport(KvTransport):
             "kv_buffer_device": "cpu",
             "engine_id": worker_id,
             "kv_load_failure_policy": "fail",
-            "kv_connector_extra_config": {"kv_lease_duration": max(1, int(self.lease_s))},
+            "kv_connector_extra_config": {"kv_lease_duration": self.hold_s()},
         }
+
+    def hold_s(self) -> int:
+        """Seconds the prefill engine keeps read-pending blocks (vLLM's lease): past the
+        advertised lease and the decode side's wait, since a NIXL read cannot be refused."""
+        return max(1, int(self.lease_s + CONSUMER_GRACE_S + PRODUCER_HOLD_MARGIN_S))
 
     def prefill_request_params(self) -> dict[str, Any]:
         return {

@@ -33,7 +33,13 @@ environment is untouched.
    progress thread a 1 ms pause between polls (NIXL's own ``pthrDelay``) and lets the
    queue reader spin 20 ms instead of
    1 s, rechecking every 50 ms while it sleeps (vLLM's wake-up notification can be lost,
-   and its 5 s recheck then shows as 5 s stalls). Set ``PDSERVE_SPIN_WAIT=1`` to keep
+   and its 5 s recheck then shows as 5 s stalls). A third loop: while a prefill engine
+   waits for its blocks to be read (or a decode engine for its KV) and has nothing to
+   compute, vLLM steps it every 1 ms only to poll the transfer; each step wakes all its
+   workers, so a TP=2 prefill engine kept 1.5 cores busy and starved the decode engine
+   that had to read from it (measured: 5 of 22 requests took 16-40 s, NIXL handshakes
+   timed out, leases expired before the reads). pdserve pauses 25 ms after such a step
+   (longer than the workers' spin, so they sleep). Set ``PDSERVE_SPIN_WAIT=1`` to keep
    vLLM's spinning. Remove when vLLM or NIXL expose these knobs.
 
 4. NIXL re-pins the engine's compute thread (CPU hosts only). On CPU, the NIXL connector's
@@ -59,6 +65,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -72,6 +79,7 @@ _SHM_QUEUE = "vllm.distributed.device_communicators.shm_broadcast"
 _RECHECK = "SHM_READER_RECHECK_INTERVAL_MS"  # read by the queue at each wait
 _NIXL_WORKER = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker"
 _NIXL_CONFIG = "nixl_agent_config"  # the name base_worker calls its agent config by
+_ENGINE_CORE = "vllm.v1.engine.core"
 # Pause of NIXL's progress thread between polls on CPU hosts. 1 ms: 0.07 s of CPU per
 # 3 s idle instead of 2.9 s.
 NIXL_PROGRESS_DELAY_US = 1000
@@ -79,6 +87,10 @@ NIXL_PROGRESS_DELAY_US = 1000
 # often a sleeping one rechecks its queue (vLLM: 5 s).
 QUEUE_SPIN_S = 0.02
 QUEUE_RECHECK_MS = 50
+# How long an engine core pauses after a step that ran no model while requests still wait
+# on KV transfers (vLLM: 1 ms). Longer than QUEUE_SPIN_S, so the engine's workers sleep
+# between such steps instead of spinning.
+IDLE_STEP_PAUSE_S = 0.025
 
 
 def consumers_with_pp(count: int, local_pp_size: int) -> int:
@@ -100,6 +112,7 @@ def register() -> None:
     keep_affinity = os.environ.get(KEEP_AFFINITY_ENV) == "1"
     if quiet:
         after_import(_SHM_QUEUE, _patch_queue_busy_loop)
+        after_import(_ENGINE_CORE, _patch_idle_steps)
 
     def patch_nixl_worker(module: ModuleType) -> None:
         if keep_affinity:
@@ -147,6 +160,30 @@ def _patch_queue_busy_loop(module: ModuleType) -> None:
     # only every 5 s; readers that sleep often must recheck sooner.
     recheck_ms = min(getattr(module, _RECHECK), QUEUE_RECHECK_MS)
     setattr(module, _RECHECK, recheck_ms)
+
+
+def _patch_idle_steps(module: ModuleType) -> None:
+    """Pace the steps an engine takes only to poll KV transfers (nothing to compute).
+
+    Such a step ran no model, has no batch in flight (pipeline parallelism) and nothing
+    running, yet the scheduler holds requests: they wait for remote KV or for their
+    blocks to be read."""
+
+    def wrap(original: Callable[..., bool]) -> Callable[..., bool]:
+        def _process_engine_step(self: Any) -> bool:
+            model_executed = original(self)
+            if (
+                not model_executed
+                and not self.batch_queue
+                and not self.scheduler.running
+                and self.scheduler.has_requests()
+            ):
+                time.sleep(IDLE_STEP_PAUSE_S)
+            return model_executed
+
+        return _process_engine_step
+
+    _wrap_once(module.EngineCoreProc, "_process_engine_step", wrap)
 
 
 def _patch_nixl_progress_thread(module: ModuleType) -> None:

@@ -120,3 +120,16 @@ class TestDecodeStage:
         expired = handle_to_proto(make_handle(now_ms=0))  # type: ignore[arg-type]
         with pytest.raises(KvTransferError, match="lease expired"):
             self.stage.sampling_params(self.sampling, expired, 278)
+
+    def test_nixl_producer_outlasts_the_longest_decode_wait(self) -> None:
+        """A NIXL read cannot be refused: the prefill engine holds the blocks (vLLM's
+        kv_lease_duration) beyond the latest moment a decode request still waits."""
+        from pdserve.config import Role
+
+        transport = NixlTransport(30)
+        msg = handle_to_proto(make_handle())  # type: ignore[arg-type]
+        longest_wait_s = self.stage.kv_wait_s(msg)
+        hold_s = transport.engine_kv_config(Role.PREFILL, "p")["kv_connector_extra_config"][
+            "kv_lease_duration"
+        ]
+        assert longest_wait_s > 30 and hold_s >= longest_wait_s + 4

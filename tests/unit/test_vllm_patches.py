@@ -108,14 +108,15 @@ def test_cpu_engines_wait_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv(vllm_patches.SPIN_WAIT_ENV, raising=False)
     monkeypatch.delenv(vllm_patches.KEEP_AFFINITY_ENV, raising=False)
     vllm_patches.register()
-    assert deferred[1:] == [vllm_patches._SHM_QUEUE, vllm_patches._NIXL_WORKER]
+    quiet = [vllm_patches._SHM_QUEUE, vllm_patches._ENGINE_CORE, vllm_patches._NIXL_WORKER]
+    assert deferred[1:] == quiet
     monkeypatch.setenv(vllm_patches.SPIN_WAIT_ENV, "1")
     vllm_patches.register()
-    assert deferred[3:] == [vllm_patches._MODEL_RUNNER]
+    assert deferred[4:] == [vllm_patches._MODEL_RUNNER]
     # The affinity fix (opt-in) also waits for the NIXL worker's module.
     monkeypatch.setenv(vllm_patches.KEEP_AFFINITY_ENV, "1")
     vllm_patches.register()
-    assert deferred[4:] == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER]
+    assert deferred[5:] == [vllm_patches._MODEL_RUNNER, vllm_patches._NIXL_WORKER]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
@@ -167,6 +168,53 @@ def test_queue_reader_spins_briefly_and_rechecks_often() -> None:
     assert SpinCondition(True).busy_loop_s == vllm_patches.QUEUE_SPIN_S
     assert SpinCondition(True, busy_loop_s=0).busy_loop_s == 0
     assert module.SHM_READER_RECHECK_INTERVAL_MS == vllm_patches.QUEUE_RECHECK_MS
+
+
+def test_engine_pauses_only_between_steps_that_wait_on_kv(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step that ran no model, with nothing running or in flight but requests held
+    (waiting for remote KV, or for their blocks to be read), is followed by a pause longer
+    than the workers' spin; any other step is not."""
+    from vllm.v1.engine import core
+
+    assert hasattr(core.EngineCoreProc, "_process_engine_step")  # the method wrapped
+    pauses: list[float] = []
+    monkeypatch.setattr(vllm_patches.time, "sleep", pauses.append)
+
+    class Scheduler:
+        def __init__(self, running: list[str], held: bool) -> None:
+            self.running = running
+            self.held = held
+
+        def has_requests(self) -> bool:
+            return self.held or bool(self.running)
+
+    class EngineCoreProc:
+        def __init__(self, executed: bool, running: list[str], queue: list[str] | None) -> None:
+            self.executed = executed
+            self.scheduler = Scheduler(running, held=True)
+            self.batch_queue = queue
+
+        def _process_engine_step(self) -> bool:
+            return self.executed
+
+    module = SimpleNamespace(EngineCoreProc=EngineCoreProc)
+    vllm_patches._patch_idle_steps(module)  # type: ignore[arg-type]
+    vllm_patches._patch_idle_steps(module)  # type: ignore[arg-type]
+    assert EngineCoreProc(False, [], None)._process_engine_step() is False
+    assert pauses == [vllm_patches.IDLE_STEP_PAUSE_S]
+    assert vllm_patches.IDLE_STEP_PAUSE_S > vllm_patches.QUEUE_SPIN_S  # once only, too
+    assert EngineCoreProc(False, [], [])._process_engine_step() is False
+    assert len(pauses) == 2
+    # A model step, a running request, a pipeline batch in flight: no pause.
+    assert EngineCoreProc(True, [], None)._process_engine_step() is True
+    EngineCoreProc(False, ["decoding"], None)._process_engine_step()
+    EngineCoreProc(False, [], ["batch"])._process_engine_step()
+    idle = EngineCoreProc(False, [], None)
+    idle.scheduler.held = False
+    idle._process_engine_step()
+    assert len(pauses) == 2
 
 
 def test_nixl_progress_thread_pauses_between_polls() -> None:

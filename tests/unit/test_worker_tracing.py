@@ -251,7 +251,7 @@ async def test_a_decode_whose_kv_never_arrives_fails_once_its_lease_is_over(
     """vLLM waits for a stuck transfer without end; the worker gives up after the lease
     (plus grace), aborts the engine request and answers with a KV transfer error, so the
     router can fail over instead of hanging."""
-    monkeypatch.setattr("pdserve.decode_worker.stage.KV_WAIT_GRACE_S", 0.2)
+    monkeypatch.setattr("pdserve.decode_worker.stage.CONSUMER_GRACE_S", 0.2)
     engine = FakeEngine(kv_never_arrives=True)
     async with _serve(engine) as (stub, _, metrics):
         started = time.monotonic()

@@ -149,12 +149,13 @@ spec:
 
 {{/* vLLM's KVTransferConfig of a follower's ranks: the leader's engine config, i.e.
 kv_transfer.nixl.NixlTransport.engine_kv_config for the leader's worker id (a unit test
-compares the two). */}}
+compares the two). The prefill engine holds read-pending blocks 15 s past the lease:
+kv_transfer.base CONSUMER_GRACE_S + PRODUCER_HOLD_MARGIN_S. */}}
 {{- define "pdserve.worker.followerKvConfig" -}}
 {{- $root := .root -}}
 {{- $name := include "pdserve.componentName" (dict "root" $root "component" .role) -}}
 {{- $w := $root.Values.workers -}}
-{{- $extra := dict "kv_lease_duration" (max 1 (int $w.kvLeaseSeconds)) -}}
+{{- $extra := dict "kv_lease_duration" (add (int $w.kvLeaseSeconds) 15) -}}
 {{- $config := dict "kv_connector" "NixlConnector" "kv_role" "kv_both" "kv_buffer_device" "cpu" "engine_id" (printf "%s-$(GROUP_INDEX)" $name) "kv_load_failure_policy" "fail" "kv_connector_extra_config" $extra -}}
 {{- toJson $config -}}
 {{- end -}}
