@@ -217,6 +217,26 @@ def test_engine_pauses_only_between_steps_that_wait_on_kv(
     assert len(pauses) == 2
 
 
+def test_the_pause_ends_when_the_engine_gets_a_message() -> None:
+    """A request or an abort that arrives during the pause is not held back."""
+    import queue
+    import time
+
+    inputs: queue.Queue[str] = queue.Queue()
+    timer = threading.Timer(0.05, inputs.put, args=("add request",))
+    timer.start()
+    started = time.monotonic()
+    vllm_patches.pause_unless_input(inputs, 30.0)
+    assert time.monotonic() - started < 10.0 and inputs.get_nowait() == "add request"
+    inputs.put("abort")
+    started = time.monotonic()
+    vllm_patches.pause_unless_input(inputs, 30.0)  # already waiting: no pause at all
+    assert time.monotonic() - started < 10.0
+    started = time.monotonic()
+    vllm_patches.pause_unless_input(queue.Queue(), 0.05)  # nothing arrives: the full pause
+    assert time.monotonic() - started >= 0.05
+
+
 def test_nixl_progress_thread_pauses_between_polls() -> None:
     """A real NIXL agent: its progress thread busy-polls unless paced."""
     import time
