@@ -6,6 +6,11 @@ from typing import ClassVar
 
 import grpc
 
+# Trailing-metadata key a worker puts on the errors it reports itself (its verdict on a
+# request, e.g. a failed KV pull), so the router can tell them from transport failures
+# of a dead worker, which carry the same status code (UNAVAILABLE).
+WORKER_VERDICT_KEY = "pdserve-error"
+
 
 class PdserveError(Exception):
     """Base of every error pdserve reports to a caller."""

@@ -17,6 +17,7 @@ import grpc
 
 from pdserve.config import AdmissionConfig, RetryConfig
 from pdserve.errors import (
+    WORKER_VERDICT_KEY,
     ContextLengthError,
     InvalidRequestError,
     KvTransferError,
@@ -318,12 +319,16 @@ class GenerationService:
             error = from_grpc_error(e.code(), e.details() or "")
         if not isinstance(error, NoCapacityError | WorkerError | KvTransferError):
             return error
-        # A live worker that reported an error keeps its channel READY; a dead or hung one
-        # does not (or missed the deadline). Only those count against its circuit breaker.
+        # A live worker that reported an error says so (its verdict in the trailing
+        # metadata) and keeps its channel READY; a dead or hung one does neither (or missed
+        # the deadline). Only those count against its circuit breaker. Right after a
+        # worker dies its channel may still read READY: the verdict decides then.
         state = worker.channel.get_state(try_to_connect=False)
+        verdict = any(key == WORKER_VERDICT_KEY for key, _ in e.trailing_metadata() or ())
         unreachable = (
             e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             or state is not grpc.ChannelConnectivity.READY
+            or (e.code() == grpc.StatusCode.UNAVAILABLE and not verdict)
         )
         if unreachable:
             worker.breaker.record_failure(f"request failed: {e.code().name}")

@@ -15,6 +15,7 @@ from pdserve import __version__
 from pdserve.config import Role, WorkerConfig
 from pdserve.decode_worker.stage import DecodeStage
 from pdserve.errors import (
+    WORKER_VERDICT_KEY,
     InvalidRequestError,
     KvIncompatibleError,
     KvTransferError,
@@ -159,7 +160,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if isinstance(e, KvIncompatibleError):
                 self.metrics.kv_incompatible.labels(self.metrics.role).inc()
             log.warning("request %s failed: %s", request.request_id, e.message)
-            await context.abort(e.grpc_code, e.message)
+            verdict = ((WORKER_VERDICT_KEY, type(e).__name__),)
+            await context.abort(e.grpc_code, e.message, trailing_metadata=verdict)
         except (asyncio.CancelledError, GeneratorExit):
             # The router went away (gRPC cancels the handler, or closes this generator);
             # vLLM's generator aborts the request in the engine (freeing its KV blocks)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from pdserve.errors import WORKER_VERDICT_KEY
 from pdserve.v1 import common_pb2 as cpb
 from pdserve.v1 import worker_pb2 as pb
 from pdserve.v1 import worker_pb2_grpc
@@ -51,6 +52,9 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
         self.max_model_len = max_model_len
         self.requests: list[pb.WorkerGenerateRequest] = []
         self.fail_with: grpc.StatusCode | None = None  # refuse every Generate
+        # fail_with as the worker's own verdict (a live worker's error, e.g. a failed KV
+        # pull), or bare: what a caller sees when the worker's process died.
+        self.fail_as_verdict = False
         self.die_after: int | None = None  # abort UNAVAILABLE after this many tokens
         self.hang_after: int | None = None  # stop answering after this many tokens
         self.hang_health = False  # GetLoad never answers (a SIGSTOPped worker)
@@ -67,7 +71,8 @@ class ToyWorker(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.WorkerGenerateResponse]:
         self.requests.append(request)
         if self.fail_with is not None:
-            await context.abort(self.fail_with, "injected failure")
+            verdict = ((WORKER_VERDICT_KEY, "KvTransferError"),) if self.fail_as_verdict else ()
+            await context.abort(self.fail_with, "injected failure", trailing_metadata=verdict)
         if self.draining:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "worker is draining")
         self.in_flight += 1

@@ -185,6 +185,39 @@ async def test_dead_decode_before_first_token_retries_on_another_decode(
     assert len(c.decode[1].requests) == i + 1
 
 
+async def test_unavailable_without_a_worker_verdict_is_a_dead_decode_worker(
+    make_cluster: MakeCluster,
+) -> None:
+    """Right after a SIGKILL the channel may still read READY while calls fail with
+    UNAVAILABLE: the worker is dead, not blaming its KV source. The request retries on the
+    other decode worker and is never sent back to the failed one."""
+    c = await make_cluster(1, 2)
+    c.decode[0].fail_with = grpc.StatusCode.UNAVAILABLE
+    for i in range(4):  # round robin: some requests start on the failing worker
+        check_complete(await collect(c.service, call(4, f"r{i}")), 4)
+    failed = c.decode[0].requests
+    assert failed and all(r.stage == pb.STAGE_DECODE for r in failed)
+    assert (
+        sample(c.metrics, "pdserve_router_retries_total", stage="decode", target="colocated") == 0
+    )
+
+
+async def test_a_live_decode_worker_s_verdict_blames_the_kv_source_first(
+    make_cluster: MakeCluster,
+) -> None:
+    """A live decode worker that reports a failed KV pull keeps its place once; the
+    prefill worker (the likelier culprit) is left out: with no other prefill worker, the
+    request falls back colocated."""
+    c = await make_cluster(1, 1)
+    c.decode[0].fail_with = grpc.StatusCode.UNAVAILABLE
+    c.decode[0].fail_as_verdict = True
+    stream = collect(c.service, call(4))
+    with pytest.raises(NoCapacityError):
+        await stream
+    stages = [r.stage for r in c.decode[0].requests]
+    assert stages == [pb.STAGE_DECODE, pb.STAGE_FULL]  # kept once, colocated last resort
+
+
 async def test_failed_prefill_falls_back_colocated_as_last_resort(
     make_cluster: MakeCluster,
 ) -> None:
