@@ -66,7 +66,6 @@ import importlib.util
 import os
 import queue
 import sys
-import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -179,7 +178,7 @@ def _patch_idle_steps(module: ModuleType) -> None:
                 and not self.scheduler.running
                 and self.scheduler.has_requests()
             ):
-                pause_unless_input(getattr(self, "input_queue", None), IDLE_STEP_PAUSE_S)
+                pause_unless_input(self.input_queue, IDLE_STEP_PAUSE_S)
             return model_executed
 
         return _process_engine_step
@@ -187,12 +186,9 @@ def _patch_idle_steps(module: ModuleType) -> None:
     _wrap_once(module.EngineCoreProc, "_process_engine_step", wrap)
 
 
-def pause_unless_input(inputs: queue.Queue[Any] | None, seconds: float) -> None:
+def pause_unless_input(inputs: queue.Queue[Any], seconds: float) -> None:
     """Wait ``seconds``, or less if the engine's input queue has (or gets) a message: a new
     request or an abort is never held back by the pause."""
-    if inputs is None:
-        time.sleep(seconds)
-        return
     with inputs.not_empty:
         inputs.not_empty.wait_for(lambda: bool(inputs.queue), timeout=seconds)
 

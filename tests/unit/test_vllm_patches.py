@@ -176,11 +176,18 @@ def test_engine_pauses_only_between_steps_that_wait_on_kv(
     """A step that ran no model, with nothing running or in flight but requests held
     (waiting for remote KV, or for their blocks to be read), is followed by a pause longer
     than the workers' spin; any other step is not."""
+    from queue import Queue
+
     from vllm.v1.engine import core
 
     assert hasattr(core.EngineCoreProc, "_process_engine_step")  # the method wrapped
     pauses: list[float] = []
-    monkeypatch.setattr(vllm_patches.time, "sleep", pauses.append)
+
+    def pause(inputs: Queue[str], seconds: float) -> None:
+        assert isinstance(inputs, Queue)  # the engine's own input queue
+        pauses.append(seconds)
+
+    monkeypatch.setattr(vllm_patches, "pause_unless_input", pause)
 
     class Scheduler:
         def __init__(self, running: list[str], held: bool) -> None:
@@ -195,6 +202,7 @@ def test_engine_pauses_only_between_steps_that_wait_on_kv(
             self.executed = executed
             self.scheduler = Scheduler(running, held=True)
             self.batch_queue = queue
+            self.input_queue: Queue[str] = Queue()
 
         def _process_engine_step(self) -> bool:
             return self.executed
